@@ -1,0 +1,3 @@
+from captioners.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""The captioner base class: load onto a device, caption a batch, unload.
+
+A model family subclasses :class:`Captioner` and fills in four hooks: ``_load``, ``_release``,
+``preprocess`` and ``caption_pixels``. Everything else (device/dtype choice, option defaults,
+batching PIL images, freeing memory) lives here once.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import torch
+from PIL import Image
+
+from captioners.devices import free_memory, resolve_device, resolve_dtype
+from captioners.errors import CaptionerError
+from captioners.options import DecodingOptions
+from captioners.weights import Asset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model id and everything needed to build it: family, family config, default decoding."""
+
+    id: str
+    family: str
+    config: Any  # the family's own frozen dataclass
+    decoding: DecodingOptions = field(default_factory=DecodingOptions)
+    description: str = ""
+    origin: str = "built-in"  # built-in | presets file | local file
+
+    def with_config(self, **changes: Any) -> "ModelSpec":
+        return replace(self, config=replace(self.config, **changes))
+
+
+class Captioner(ABC):
+    """Base class of every model family."""
+
+    family: ClassVar[str]
+    #: The option names a user may override for this family (CLI flags, presets, API).
+    override_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, spec: ModelSpec, models_dir: Path):
+        self.spec = spec
+        self.models_dir = models_dir
+        self.device: torch.device | None = None
+        self.dtype: torch.dtype | None = None
+
+    # ---- hooks for subclasses -------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def assets(cls, spec: ModelSpec) -> list[Asset]:
+        """Files this model needs, for listing, downloading and error messages."""
+
+    @classmethod
+    def presets(cls) -> list[ModelSpec]:
+        """The built-in model ids of this family."""
+        return []
+
+    @classmethod
+    def handles_path(cls, path: Path) -> bool:
+        """Whether a user-given file or folder is a checkpoint of this family."""
+        return False
+
+    @classmethod
+    def spec_for_path(cls, path: Path, model_id: str | None = None, origin: str = "local file") -> ModelSpec:
+        """A spec for a local checkpoint of this family (a file or folder)."""
+        raise CaptionerError(f"{cls.family} models cannot be loaded from a path.")
+
+    @classmethod
+    def discover(cls, models_dir: Path, known: set[Path]) -> list[ModelSpec]:
+        """Checkpoints dropped into the models folder that no preset already covers."""
+        return []
+
+    @classmethod
+    def apply_overrides(cls, spec: ModelSpec, overrides: Mapping[str, Any]) -> ModelSpec:
+        """Return ``spec`` with user overrides (e.g. a local weights file) applied."""
+        cls.check_override_keys(spec, overrides)
+        return spec.with_config(**overrides) if overrides else spec
+
+    @classmethod
+    def check_override_keys(cls, spec: ModelSpec, overrides: Mapping[str, Any]) -> None:
+        unknown = sorted(set(overrides) - set(cls.override_keys))
+        if unknown:
+            raise CaptionerError(
+                f"Model {spec.id} ({cls.family}) does not take option(s) {', '.join(unknown)}; "
+                f"it takes {', '.join(cls.override_keys) or 'none'}.")
+
+    @abstractmethod
+    def _load(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Read weights and build modules on ``device`` in ``dtype``."""
+
+    @abstractmethod
+    def _release(self) -> None:
+        """Drop every reference to model modules and tensors."""
+
+    @abstractmethod
+    def preprocessor(self) -> Callable[[Image.Image], torch.Tensor]:
+        """A picklable PIL -> tensor function, safe to run in DataLoader workers (after load)."""
+
+    @abstractmethod
+    def caption_pixels(self, pixels: torch.Tensor, options: DecodingOptions) -> list[str]:
+        """Caption a stacked batch of preprocessed images; ``options`` are already merged."""
+
+    def _move(self, device: torch.device) -> None:
+        """Move loaded modules to ``device`` (for offloading); subclasses with modules override."""
+        raise CaptionerError(f"{type(self).__name__} cannot be moved between devices.")
+
+    # ---- shared behaviour -------------------------------------------------------------------
+    @property
+    def loaded(self) -> bool:
+        return self.device is not None
+
+    @property
+    def image_size(self) -> int | None:
+        """The shorter side the model sees (lets image loading skip unneeded detail)."""
+        return None
+
+    def load(self, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto") -> "Captioner":
+        target = resolve_device(device)
+        target_dtype = resolve_dtype(dtype, target)
+        if self.loaded and (self.device, self.dtype) == (target, target_dtype):
+            return self
+        self.unload()
+        log.info("Loading %s on %s (%s)", self.spec.id, target, str(target_dtype).removeprefix("torch."))
+        try:
+            self._load(target, target_dtype)
+        except BaseException:
+            self._release()  # never leave half a model holding memory
+            free_memory(target)
+            raise
+        self.device, self.dtype = target, target_dtype
+        return self
+
+    def unload(self) -> None:
+        if not self.loaded:
+            return
+        device = self.device
+        self._release()
+        self.device = self.dtype = None
+        free_memory(device)
+
+    def to(self, device: str | torch.device) -> "Captioner":
+        """Move a loaded model, e.g. to the CPU while the WebUI generates, and back."""
+        target = resolve_device(device)
+        if self.loaded and target != self.device:
+            self._move(target)
+            self.device = target
+            free_memory()
+        return self
+
+    def decoding_options(self, options: DecodingOptions | Mapping[str, Any] | None = None) -> DecodingOptions:
+        if not isinstance(options, DecodingOptions):
+            options = DecodingOptions.from_mapping(options)
+        return options.merged(self.spec.decoding)
+
+    def caption(self, images: Sequence[Image.Image],
+                options: DecodingOptions | Mapping[str, Any] | None = None) -> list[str]:
+        """Caption PIL images (any mode) in one batch."""
+        if not images:
+            return []
+        if not self.loaded:
+            self.load()
+        from captioners.images import to_rgb
+
+        preprocess = self.preprocessor()
+        pixels = torch.stack([preprocess(to_rgb(image)) for image in images])
+        return self.caption_pixels(pixels, self.decoding_options(options))

@@ -1,0 +1,233 @@
+"""Command line: ``python -m captioners {caption,models,download,convert} ...``.
+
+Errors meant for users are one line on stderr and a non-zero exit; ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from captioners.errors import CaptionerError
+
+log = logging.getLogger("captioners")
+
+DEFAULT_MODEL = "clip-prefix-flickr8k-gradient"
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models-dir", help="models folder (default: $CAPTIONERS_MODELS_DIR or the user cache)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    parser.add_argument("--quiet", action="store_true", help="only warnings and errors on stderr")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Model choice and every preset field a user may override."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=DEFAULT_MODEL, help=f"model id or checkpoint path (default {DEFAULT_MODEL})")
+    group.add_argument("--weights", help="use this local weights file (or folder) instead of the preset's")
+    group.add_argument("--clip-arch", help="open_clip architecture name, e.g. ViT-L-14")
+    group.add_argument("--clip-weights", help="open_clip pretrained tag (openai) or a local CLIP weights file")
+    group.add_argument("--clip-config", help="open_clip model-config JSON for a custom CLIP architecture")
+    group.add_argument("--tokenizer", help="GPT-2 tokenizer folder (vocab.json, merges.txt) or hub repo id")
+    group.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                       help="L2-normalise the CLIP embedding (default: what the checkpoint was trained with)")
+    group.add_argument("--postprocess", choices=("icg", "clipcap", "none"), help="caption clean-up style")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    group.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16")
+
+
+def add_decoding_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("decoding (unset options take the model's defaults)")
+    group.add_argument("--strategy", choices=("greedy", "beam", "sample"))
+    group.add_argument("--num-beams", type=int)
+    group.add_argument("--max-new-tokens", type=int)
+    group.add_argument("--min-new-tokens", type=int)
+    group.add_argument("--temperature", type=float)
+    group.add_argument("--top-p", type=float)
+    group.add_argument("--top-k", type=int)
+    group.add_argument("--repetition-penalty", type=float)
+    group.add_argument("--seed", type=int, help="makes sampling reproducible")
+    group.add_argument("--num-candidates", type=int, help="SBG: captions sampled per image before re-ranking")
+    group.add_argument("--prompt", help="FuseCap: text the caption continues")
+    group.add_argument("--keep-prompt", action=argparse.BooleanOptionalAction, default=None)
+    group.add_argument("--raw", dest="postprocess_captions", action="store_false", default=None,
+                       help="skip the preset's caption clean-up")
+
+
+MODEL_OVERRIDE_ARGS = ("weights", "clip_arch", "clip_weights", "clip_config", "tokenizer", "normalize", "postprocess")
+DECODING_ARGS = ("strategy", "num_beams", "max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k",
+                 "repetition_penalty", "seed", "num_candidates", "prompt", "keep_prompt")
+
+
+def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in MODEL_OVERRIDE_ARGS if getattr(args, name, None) is not None}
+
+
+def decoding_options(args: argparse.Namespace):
+    from captioners.options import DecodingOptions
+
+    values = {name: getattr(args, name) for name in DECODING_ARGS if getattr(args, name, None) is not None}
+    if getattr(args, "postprocess_captions", None) is False:
+        values["postprocess"] = False
+    return DecodingOptions.from_mapping(values)
+
+
+def load_captioner_from_args(args: argparse.Namespace):
+    from captioners.paths import resolve_models_dir
+    from captioners.registry import create_captioner
+
+    captioner = create_captioner(args.model, resolve_models_dir(args.models_dir), model_overrides(args))
+    return captioner.load(args.device, args.dtype)
+
+
+# ---- caption --------------------------------------------------------------------------------------
+def cmd_caption(args: argparse.Namespace) -> int:
+    from captioners.images import iter_image_files, load_image
+
+    options = decoding_options(args)
+    paths = list(iter_image_files(args.inputs, recursive=args.recursive))
+    if not paths:
+        raise CaptionerError("No images found in " + ", ".join(args.inputs))
+    captioner = load_captioner_from_args(args)
+    failures = 0
+    for start in range(0, len(paths), args.batch_size):
+        chunk, images = [], []
+        for path in paths[start:start + args.batch_size]:
+            try:
+                images.append(load_image(path))
+                chunk.append(path)
+            except CaptionerError as exc:
+                failures += 1
+                print(f"error: {exc}", file=sys.stderr)
+        for path, caption in zip(chunk, captioner.caption(images, options)):
+            if args.jsonl:
+                record = {"path": str(path), "caption": caption, "model": captioner.spec.id}
+                print(json.dumps(record, ensure_ascii=False), flush=True)
+            else:
+                print(f"{path}\t{caption}", flush=True)
+    return 1 if failures else 0
+
+
+def add_caption_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("caption", help="caption images and print path<TAB>caption")
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    parser.add_argument("--recursive", "-r", action="store_true", help="look into sub-folders")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--jsonl", action="store_true", help="print one JSON object per image")
+    add_model_options(parser)
+    add_decoding_options(parser)
+    add_common(parser)
+    parser.set_defaults(func=cmd_caption)
+
+
+# ---- models / download / convert --------------------------------------------------------------
+def cmd_models(args: argparse.Namespace) -> int:
+    from captioners.paths import resolve_models_dir
+    from captioners.registry import FAMILIES, available_models
+
+    models_dir = resolve_models_dir(args.models_dir)
+    rows = []
+    for spec in available_models(models_dir).values():
+        assets = FAMILIES[spec.family].assets(spec)
+        files = [{"path": str(a.path(models_dir)), "present": a.is_present(models_dir), "source": a.source()}
+                 for a in assets]
+        rows.append({"id": spec.id, "family": spec.family, "origin": spec.origin, "description": spec.description,
+                     "ready": all(f["present"] for f in files), "files": files})
+    if args.json:
+        print(json.dumps({"models_dir": str(models_dir), "models": rows}, indent=2))
+        return 0
+    print(f"models folder: {models_dir}")
+    for row in rows:
+        print(f"\n{row['id']}  [{row['family']}, {row['origin']}]  {'ready' if row['ready'] else 'missing files'}")
+        print(f"    {row['description']}")
+        for f in row["files"]:
+            mark = "ok " if f["present"] else "-- "
+            print(f"    {mark}{f['path']}" + ("" if f["present"] else f"\n         from {f['source']}"))
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from captioners.paths import resolve_models_dir
+    from captioners.registry import FAMILIES, get_spec
+    from captioners.weights import ensure_asset
+
+    models_dir = resolve_models_dir(args.models_dir)
+    for model_id in args.models:
+        spec = get_spec(model_id, models_dir)
+        for asset in FAMILIES[spec.family].assets(spec):
+            print(f"{model_id}: {ensure_asset(asset, models_dir)}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from captioners.weights import deduplicate_shared, load_state_dict, save_safetensors
+
+    for name in args.files:
+        source = Path(name)
+        if source.suffix == ".safetensors":
+            raise CaptionerError(f"{source} is already a .safetensors file.")
+        state = load_state_dict(source)
+        from captioners.families.clipcap_modules import LEGACY_BUFFER
+
+        state = {k: v for k, v in state.items() if not LEGACY_BUFFER.match(k)}
+        target = source.with_suffix(".safetensors")
+        save_safetensors(deduplicate_shared(state, drop=("gpt.lm_head.weight", "lm_head.weight")), target)
+        print(f"{source} -> {target}")
+    return 0
+
+
+def add_info_parsers(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("models", help="list model ids, where their files go and whether they are present")
+    parser.add_argument("--json", action="store_true")
+    add_common(parser)
+    parser.set_defaults(func=cmd_models)
+
+    parser = sub.add_parser("download", help="download the files of one or more models into the models folder")
+    parser.add_argument("models", nargs="+", metavar="MODEL_ID")
+    add_common(parser)
+    parser.set_defaults(func=cmd_download)
+
+    parser = sub.add_parser("convert", help="convert .pt checkpoints to .safetensors beside them (read safely)")
+    parser.add_argument("files", nargs="+", metavar="FILE.pt")
+    add_common(parser)
+    parser.set_defaults(func=cmd_convert)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_caption_parser, add_info_parsers]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m captioners", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def setup_logging(debug: bool, quiet: bool) -> None:
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    log.setLevel(level)
+    if not debug:
+        for noisy in ("transformers", "huggingface_hub", "open_clip", "timm"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.debug, args.quiet)
+    try:
+        return args.func(args)
+    except CaptionerError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

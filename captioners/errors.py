@@ -1,0 +1,25 @@
+"""Errors shown to users. Each message says what went wrong and what to do about it."""
+
+
+class CaptionerError(Exception):
+    """An error with a message meant for the user (no traceback needed)."""
+
+
+class UnknownModelError(CaptionerError):
+    pass
+
+
+class MissingWeightsError(CaptionerError):
+    pass
+
+
+class UnsafeCheckpointError(CaptionerError):
+    pass
+
+
+class CheckpointLayoutError(CaptionerError):
+    pass
+
+
+class ImageLoadError(CaptionerError):
+    pass

@@ -1,0 +1,251 @@
+"""CLIP-prefix captioning (ClipCap): CLIP image embedding -> mapping network -> GPT-2 prefix.
+
+Covers Anshler's ICG checkpoints (open_clip ViT-L-14, normalised embedding, Flickr-style output)
+and rmokady's ClipCap checkpoints (ViT-B/32 MLP with raw embedding, RN50x4 transformer mapper).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from PIL import Image
+
+from captioners.base import Captioner, ModelSpec
+from captioners.clip_backbone import ClipBackbone, ClipSpec, load_clip
+from captioners.errors import CaptionerError
+from captioners.families.clipcap_modules import ClipPrefixLayout, ClipPrefixModel, inspect_state_dict
+from captioners.options import DecodingOptions
+from captioners.prefix_decoding import beam_search, decode_tokens, greedy_chooser, max_steps, sampling_chooser
+from captioners.text import GPT2_TOKENIZER, load_gpt2_tokenizer, tokenizer_asset
+from captioners.weights import WEIGHT_SUFFIXES, Asset, ensure_asset, load_state_dict
+
+log = logging.getLogger(__name__)
+
+FAMILY = "clip-prefix"
+FOLDER = "clip_prefix"
+POSTPROCESS_STYLES = ("icg", "clipcap", "none")
+
+# CLIP width -> the CLIP each publisher trained with (the checkpoint cannot say which).
+CLIP_BY_WIDTH = {
+    512: ClipSpec("ViT-B-32", "openai"),
+    640: ClipSpec("RN50x4", "openai"),
+    768: ClipSpec("ViT-L-14", "openai"),
+}
+
+
+@dataclass(frozen=True)
+class ClipPrefixConfig:
+    weights: Asset
+    clip: ClipSpec | None = None      # None: chosen from the checkpoint's CLIP width
+    tokenizer: Asset = GPT2_TOKENIZER
+    normalize: bool | None = None     # L2-normalise the CLIP embedding; None: from the layout
+    postprocess: str | None = None    # icg | clipcap | none; None: from the layout
+    gpt_heads: int | None = None      # not in the checkpoint; default n_embd // 64
+    mapper_heads: int = 8             # not in the checkpoint; ClipCap used 8
+
+
+DEFAULT_DECODING = DecodingOptions(strategy="greedy", max_new_tokens=67, num_beams=5, temperature=1.0, top_p=0.8)
+
+
+def _anshler(name: str) -> Asset:
+    return Asset(f"{FOLDER}/{name}", repo_id="Anshler/clip-prefix", repo_files=(name,))
+
+
+def _icg_spec(model_id: str, filename: str, description: str) -> ModelSpec:
+    return ModelSpec(
+        model_id, FAMILY,
+        ClipPrefixConfig(_anshler(filename), ClipSpec("ViT-L-14", "openai"), normalize=True, postprocess="icg"),
+        DEFAULT_DECODING,
+        description)
+
+
+PRESETS: list[ModelSpec] = [
+    _icg_spec("clip-prefix-flickr8k", "flickr8k.pt", "ICG CLIP-prefix, Flickr8k (ViT-L-14)"),
+    _icg_spec("clip-prefix-flickr8k-gradient", "flickr8k_gradient.pt",
+              "ICG CLIP-prefix, Flickr8k, gradient clipping (ViT-L-14; the ICG extension's model)"),
+    _icg_spec("clip-prefix-flickr30k", "flickr30k.pt", "ICG CLIP-prefix, Flickr30k (ViT-L-14)"),
+    _icg_spec("clip-prefix-flickr30k-gradient", "flickr30k_gradient.pt",
+              "ICG CLIP-prefix, Flickr30k, gradient clipping (ViT-L-14)"),
+    ModelSpec(
+        "clipcap-coco", FAMILY,
+        ClipPrefixConfig(Asset(f"{FOLDER}/coco_weights.pt", repo_id="akhaliq/CLIP-prefix-captioning-COCO-weights",
+                               repo_files=("coco_weights.pt",)),
+                         ClipSpec("ViT-B-32", "openai"), normalize=False, postprocess="clipcap"),
+        DEFAULT_DECODING,
+        "ClipCap COCO, MLP mapper, GPT-2 fine-tuned (ViT-B/32)"),
+    ModelSpec(
+        "clipcap-conceptual", FAMILY,
+        ClipPrefixConfig(Asset(f"{FOLDER}/conceptual_weights.pt",
+                               repo_id="akhaliq/CLIP-prefix-captioning-conceptual-weights",
+                               repo_files=("conceptual_weights.pt",)),
+                         ClipSpec("ViT-B-32", "openai"), normalize=False, postprocess="clipcap"),
+        DEFAULT_DECODING,
+        "ClipCap Conceptual Captions, MLP mapper, GPT-2 fine-tuned (ViT-B/32)"),
+    ModelSpec(
+        "clipcap-coco-transformer", FAMILY,
+        ClipPrefixConfig(Asset(f"{FOLDER}/transformer_weights.pt",
+                               url="https://drive.google.com/file/d/1GYPToCqFREwi285wPLhuVExlz7DDUDfJ "
+                                   "(save it as transformer_weights.pt)"),
+                         ClipSpec("RN50x4", "openai"), normalize=True, postprocess="clipcap"),
+        DEFAULT_DECODING.replace(strategy="beam"),
+        "ClipCap COCO, transformer mapper, frozen GPT-2 (RN50x4)"),
+]
+
+
+def postprocess_caption(text: str, style: str) -> str:
+    if style == "icg":  # Flickr style, as the ICG extension prints it: "a dog runs on the grass ."
+        return text.split(".")[0].strip() + " ."
+    return text.strip()
+
+
+class ClipPrefixCaptioner(Captioner):
+    family = FAMILY
+    override_keys = ("weights", "clip_arch", "clip_weights", "clip_config", "tokenizer", "normalize",
+                     "postprocess", "gpt_heads", "mapper_heads")
+
+    def __init__(self, spec: ModelSpec, models_dir: Path):
+        super().__init__(spec, models_dir)
+        self.model: ClipPrefixModel | None = None
+        self.clip: ClipBackbone | None = None
+        self.tokenizer: Any = None
+        self.stop_token = -1
+        self.normalize = True
+        self.postprocess_style = "none"
+
+    @classmethod
+    def assets(cls, spec: ModelSpec) -> list[Asset]:
+        return [spec.config.weights, spec.config.tokenizer]
+
+    @classmethod
+    def presets(cls) -> list[ModelSpec]:
+        return PRESETS
+
+    @classmethod
+    def handles_path(cls, path: Path) -> bool:
+        return path.is_file() and path.suffix in WEIGHT_SUFFIXES
+
+    @classmethod
+    def spec_for_path(cls, path: Path, model_id: str | None = None, origin: str = "local file") -> ModelSpec:
+        """Any ClipCap-layout file; CLIP, normalisation and clean-up follow from its layout at load."""
+        return ModelSpec(model_id or f"local:{path.stem}", FAMILY, ClipPrefixConfig(Asset(str(path.resolve()))),
+                         DEFAULT_DECODING, f"CLIP-prefix checkpoint {path.name}", origin)
+
+    @classmethod
+    def discover(cls, models_dir: Path, known: set[Path]) -> list[ModelSpec]:
+        folder = models_dir / FOLDER
+        if not folder.is_dir():
+            return []
+        specs = []
+        for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
+            # A .pt converted to .safetensors beside it is one model; presets own their own files.
+            has_converted_twin = path.suffix != ".safetensors" and path.with_suffix(".safetensors").is_file()
+            if has_converted_twin or path.resolve() in known or path.with_suffix(".pt").resolve() in known:
+                continue
+            specs.append(cls.spec_for_path(path))
+        return specs
+
+    @classmethod
+    def apply_overrides(cls, spec: ModelSpec, overrides: Mapping[str, Any]) -> ModelSpec:
+        cls.check_override_keys(spec, overrides)
+        config: ClipPrefixConfig = spec.config
+        changes: dict[str, Any] = {}
+        if overrides.get("weights"):
+            changes["weights"] = Asset(str(Path(overrides["weights"]).expanduser().resolve()))
+        if overrides.get("tokenizer"):
+            changes["tokenizer"] = tokenizer_asset(overrides["tokenizer"])
+        clip_changes = {field: overrides[key] for key, field in
+                        (("clip_arch", "arch"), ("clip_weights", "weights"), ("clip_config", "config"))
+                        if overrides.get(key)}
+        if clip_changes:
+            changes["clip"] = replace(config.clip or ClipSpec(), **clip_changes)
+        for key in ("normalize", "postprocess", "gpt_heads", "mapper_heads"):
+            if overrides.get(key) is not None:
+                changes[key] = overrides[key]
+        if changes.get("postprocess") not in (None, *POSTPROCESS_STYLES):
+            raise CaptionerError(f"postprocess must be one of {', '.join(POSTPROCESS_STYLES)}.")
+        return replace(spec, config=replace(config, **changes))
+
+    @property
+    def image_size(self) -> int | None:
+        return _clip_image_size(self.clip) if self.clip else None
+
+    def _load(self, device: torch.device, dtype: torch.dtype) -> None:
+        config: ClipPrefixConfig = self.spec.config
+        state = load_state_dict(ensure_asset(config.weights, self.models_dir))
+        layout = inspect_state_dict(state)
+        self.tokenizer = load_gpt2_tokenizer(ensure_asset(config.tokenizer, self.models_dir))
+        if len(self.tokenizer) > layout.vocab_size:
+            raise CaptionerError(f"Tokenizer has {len(self.tokenizer)} tokens but the checkpoint only "
+                                 f"{layout.vocab_size}: use the tokenizer the model was trained with.")
+        self.stop_token = self.tokenizer.encode(".")[0]
+        model = ClipPrefixModel(layout, config.gpt_heads, config.mapper_heads)
+        model.load_checkpoint(state)
+        del state
+        self.model = model.eval().requires_grad_(False).to(device=device, dtype=dtype)
+        self.normalize, self.postprocess_style = _conventions(config, layout)
+        clip_spec = config.clip or _clip_for_width(layout.prefix_size)
+        self.clip = load_clip(clip_spec, self.models_dir, device, dtype)
+        clip_width = self.clip.embed_dim
+        if clip_width not in (-1, layout.prefix_size):
+            raise CaptionerError(f"CLIP {clip_spec.label} gives {clip_width}-d embeddings but the checkpoint "
+                                 f"expects {layout.prefix_size}-d: choose the CLIP it was trained with.")
+        log.info("Loaded %s: %s mapper, prefix %d, CLIP %s, normalise=%s", self.spec.id, layout.mapping,
+                 layout.prefix_length, clip_spec.label, self.normalize)
+
+    def _release(self) -> None:
+        self.model = self.clip = self.tokenizer = None
+
+    def _move(self, device: torch.device) -> None:
+        self.model.to(device)
+        self.clip.to(device)
+
+    def preprocessor(self) -> Callable[[Image.Image], torch.Tensor]:
+        if self.clip is None:
+            raise CaptionerError("Load the model before asking for its preprocessing.")
+        return self.clip.preprocess
+
+    def caption_pixels(self, pixels: torch.Tensor, options: DecodingOptions) -> list[str]:
+        embeddings = self.clip.encode_images(pixels, normalize=self.normalize)
+        with torch.inference_mode():
+            prefix = self.model.prefix(embeddings)
+        token_lists = self.decode(prefix, options)
+        style = self.postprocess_style if options.postprocess is not False else "none"
+        return [postprocess_caption(self.tokenizer.decode(tokens), style) for tokens in token_lists]
+
+    def decode(self, prefix: torch.Tensor, options: DecodingOptions) -> list[list[int]]:
+        layout = self.model.layout
+        steps = max_steps(options.max_new_tokens or 67, layout.prefix_length, layout.n_positions)
+        gpt = self.model.gpt
+        if options.strategy == "beam":
+            return beam_search(gpt, prefix, self.stop_token, steps, options.num_beams or 5, options.temperature or 1.0)
+        if options.strategy == "sample":
+            choose = sampling_chooser(options.temperature or 1.0, options.top_p or 1.0, options.top_k, options.seed,
+                                      prefix.shape[0], prefix.device)
+        else:
+            choose = greedy_chooser()
+        return decode_tokens(gpt, prefix, self.stop_token, steps, choose)
+
+
+def _clip_for_width(width: int) -> ClipSpec:
+    if width not in CLIP_BY_WIDTH:
+        raise CaptionerError(f"No default CLIP gives {width}-d embeddings; pass --clip-arch and --clip-weights.")
+    return CLIP_BY_WIDTH[width]
+
+
+def _conventions(config: ClipPrefixConfig, layout: ClipPrefixLayout) -> tuple[bool, str]:
+    """Normalisation and clean-up: explicit settings win, else what the publisher of this layout used."""
+    guess = layout.family_guess
+    normalize = config.normalize if config.normalize is not None else guess != "clipcap-mlp"
+    postprocess = config.postprocess or ("icg" if guess == "icg" else "clipcap")
+    return normalize, postprocess
+
+
+def _clip_image_size(clip: ClipBackbone) -> int | None:
+    size = getattr(getattr(clip.model, "visual", None), "image_size", None)
+    if isinstance(size, (tuple, list)):
+        return int(min(size))
+    return int(size) if size else None

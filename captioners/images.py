@@ -1,0 +1,102 @@
+"""Opening user images safely: any mode Pillow reads becomes an upright RGB image, or a clear error."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from captioners.errors import ImageLoadError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def _register_optional_plugins() -> None:
+    """avif and jxl are only read when their Pillow plugins are installed."""
+    for module, exts in (("pillow_avif", (".avif",)), ("pillow_jxl", (".jxl",))):
+        try:
+            __import__(module)
+        except ImportError:
+            continue
+        IMAGE_EXTENSIONS.update(exts)
+    if ".avif" not in IMAGE_EXTENSIONS and ".avif" in Image.registered_extensions():
+        IMAGE_EXTENSIONS.add(".avif")  # Pillow >= 11.3 reads AVIF natively
+
+
+_register_optional_plugins()
+
+
+def is_image_path(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def iter_image_files(inputs: Iterable[str | os.PathLike], recursive: bool = False) -> Iterator[Path]:
+    """Image files named directly or found in the given folders, in a stable (sorted) order."""
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            pattern = "**/*" if recursive else "*"
+            yield from sorted(p for p in path.glob(pattern) if p.is_file() and is_image_path(p))
+        else:
+            yield path
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Upright RGB: EXIF rotation applied, first frame of animations, alpha composited on white."""
+    if getattr(image, "is_animated", False):
+        image.seek(0)
+    image = ImageOps.exif_transpose(image) or image
+    mode = image.mode
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16/32-bit greyscale: scale to 8 bits instead of clipping everything to white.
+        image = image.point(lambda v: v / 256).convert("L") if mode.startswith("I;16") else image.convert("L")
+    elif mode == "F":
+        image = image.convert("L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "RGBa"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, background + (255,))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _draft_size(size: tuple[int, int], min_side: int) -> tuple[int, int]:
+    """The size to request so that the shorter side stays >= ``min_side`` after JPEG scaling."""
+    width, height = size
+    scale = min_side / max(1, min(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
+    """Open ``path`` as an RGB image; raise :class:`ImageLoadError` with the reason otherwise.
+
+    ``min_side`` lets JPEG decoding skip detail the model never sees: the decoder downscales by a
+    power of two while keeping both sides at least that large (much faster on big photos).
+    Images above Pillow's decompression-bomb limit (2 x ``Image.MAX_IMAGE_PIXELS``) are refused.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if min_side and image.format == "JPEG":
+                    image.draft("RGB", _draft_size(image.size, min_side))
+                image.load()
+                return to_rgb(image)
+    except FileNotFoundError as exc:
+        raise ImageLoadError(f"{path}: file not found") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageLoadError(f"{path}: not an image Pillow can read") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(f"{path}: too many pixels (possible decompression bomb): {exc}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        reason = "truncated or corrupt image" if "truncated" in str(exc).lower() else str(exc)
+        raise ImageLoadError(f"{path}: {reason}") from exc

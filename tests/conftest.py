@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny tokenizer, tiny CLIP and tiny checkpoints, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests import tiny_models
+
+# Tests never touch the network: any download attempt must fail fast.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "photos"
+
+
+@pytest.fixture(scope="session")
+def assets_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny-assets")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(assets_dir) -> Path:
+    return tiny_models.build_tokenizer(assets_dir / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(assets_dir) -> tuple[Path, Path]:
+    return tiny_models.build_clip(assets_dir / "clip")
+
+
+@pytest.fixture(scope="session")
+def icg_checkpoint(assets_dir, tokenizer_dir) -> tiny_models.TinyCheckpoint:
+    return tiny_models.build_checkpoint(assets_dir / "ckpt", tokenizer_dir, "icg", stop_scale=3.0)
+
+
+@pytest.fixture()
+def models_dir(tmp_path) -> Path:
+    path = tmp_path / "models"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[Path]:
+    files = sorted(PHOTOS.glob("*.jpg"))
+    if not files:
+        pytest.skip(f"shared photos not found at {PHOTOS}")
+    return files
+
+
+@pytest.fixture(scope="session")
+def clip_overrides(tiny_clip, tokenizer_dir) -> dict[str, str]:
+    """Overrides that make any CLIP-prefix preset run on the tiny CLIP and tokenizer, offline."""
+    config, weights = tiny_clip
+    return {"clip_config": str(config), "clip_weights": str(weights), "tokenizer": str(tokenizer_dir)}
+
+
+@pytest.fixture(scope="session")
+def load_tiny(clip_overrides, tmp_path_factory):
+    """Load a tiny checkpoint through the public registry path, on the CPU."""
+    from captioners.registry import create_captioner
+
+    models_dir = tmp_path_factory.mktemp("models-for-load")
+
+    def load(checkpoint_path: Path, **extra):
+        captioner = create_captioner(str(checkpoint_path), models_dir, {**clip_overrides, **extra})
+        return captioner.load("cpu")
+
+    return load
