@@ -217,3 +217,26 @@ def build_checkpoint(folder: Path, tokenizer_dir: Path, layout: str = "icg", pre
     path = folder / (name or f"tiny_{layout}{'_legacy' if legacy_buffers else ''}.pt")
     torch.save(state, path)
     return TinyCheckpoint(path, model, stop)
+
+
+def generate_photos(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """Photo-like JPEGs (gradients, shapes, noise) of mixed sizes, for checkouts without ../shared."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        width, height = rng.choice([(640, 480), (500, 375), (480, 640), (612, 612)])
+        image = Image.linear_gradient("L").resize((width, height)).convert("RGB")
+        draw = ImageDraw.Draw(image)
+        for _ in range(12):
+            x, y = rng.randrange(width), rng.randrange(height)
+            color = tuple(rng.randrange(256) for _ in range(3))
+            draw.ellipse((x, y, x + rng.randrange(20, 200), y + rng.randrange(20, 200)), fill=color)
+        path = folder / f"photo_{i:02d}.jpg"
+        image.save(path, quality=90)
+        paths.append(path)
+    return paths

@@ -18,10 +18,20 @@ pip_flags=(--quiet --disable-pip-version-check)
 
 log() { echo "[setup] $*" >&2; }
 
+# Make venv $1 see the packages of venv $2 after its own (so its own pins win).
+overlay() {
+  local site base_site
+  site=$("$1/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  base_site=$("$2/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  echo "import site; site.addsitedir('$base_site')" > "$site/_base_venv.pth"
+}
+
 base="$root/.venv"
 if [ ! -x "$base/bin/python" ]; then
   log "creating $base"
   "$python" -m venv "$base"
+  # BASE_VENV: reuse another checkout's environment (e.g. a git worktree) instead of a new torch.
+  if [ -n "${BASE_VENV:-}" ]; then overlay "$base" "$BASE_VENV"; fi
 fi
 if ! "$base/bin/python" -c "import torch, torchvision" >/dev/null 2>&1; then
   log "installing $torch_packages (large, once)"
@@ -43,9 +53,7 @@ if [ ! -x "$venv/bin/python" ]; then
   log "creating $venv"
   "$python" -m venv "$venv"
 fi
-site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-base_site=$("$base/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-echo "import site; site.addsitedir('$base_site')" > "$site/_base_venv.pth"
+overlay "$venv" "$base"
 log "installing pin set $pins into $venv"
 "$venv/bin/pip" install "${pip_flags[@]}" -r "$pin_file" 2>&1 | grep -v -e "is ignored" -e "outside environment" >&2 || true
 "$venv/bin/python" - "$pin_file" <<'PY'

@@ -1,0 +1,156 @@
+"""CLIP-prefix decoding speed: per-image reference vs batched KV-cached path, side by side.
+
+Builds full-size models with random weights (GPT-2 small + ICG MLP mapper, open_clip ViT-L-14),
+no download. The '.' token's embedding is scaled up so random captions end at realistic lengths
+instead of always running to 67 tokens (which would flatter the cached path even more).
+
+    .venv/bin/python bench/bench_clip_prefix.py [--images 16] [--batch-size 16] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from captioners.families.clipcap_modules import ClipPrefixLayout, ClipPrefixModel  # noqa: E402
+from captioners.prefix_decoding import beam_search, decode_tokens, greedy_chooser  # noqa: E402
+from tests.reference_decoding import reference_beam, reference_greedy  # noqa: E402
+
+STOP = 13  # GPT-2's '.'
+PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos"
+
+
+def build_model(device: torch.device, dtype: torch.dtype, stop_scale: float) -> ClipPrefixModel:
+    layout = ClipPrefixLayout("mlp", vocab_size=50257, n_embd=768, n_positions=1024, n_layer=12, n_inner=3072,
+                              prefix_size=768, prefix_length=10, mlp_hidden=3840)
+    torch.manual_seed(0)
+    model = ClipPrefixModel(layout)
+    with torch.no_grad():
+        for p in model.clip_project.parameters():
+            p.normal_(0, 0.05)
+        model.gpt.transformer.wte.weight[STOP] *= stop_scale
+    return model.eval().to(device, dtype)
+
+
+def timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start
+
+
+def reference_all(model, prefixes, beam: bool):
+    decode = reference_beam if beam else reference_greedy
+    return [decode(model.gpt, p, STOP) for p in prefixes]
+
+
+def batched_all(model, prefixes, batch_size: int, beam: bool):
+    out = []
+    for start in range(0, len(prefixes), batch_size):
+        chunk = prefixes[start:start + batch_size]
+        if beam:
+            out += beam_search(model.gpt, chunk, STOP, 67, 5)
+        else:
+            out += decode_tokens(model.gpt, chunk, STOP, 67, greedy_chooser())
+    return out
+
+
+def load_clip(device, dtype):
+    import open_clip
+
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms("ViT-L-14", pretrained=None, force_quick_gelu=True)
+    return model.eval().to(device, dtype), preprocess
+
+
+def photos(count: int):
+    from PIL import Image
+
+    files = sorted(PHOTOS.glob("*.jpg"))
+    if not files:
+        rng = torch.Generator().manual_seed(0)
+        return [Image.fromarray((torch.rand(480, 640, 3, generator=rng) * 255).byte().numpy()) for _ in range(count)]
+    return [Image.open(files[i % len(files)]).convert("RGB") for i in range(count)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--stop-scale", type=float, default=4.0)
+    parser.add_argument("--skip-clip", action="store_true", help="decoding only, no end-to-end row")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    print(f"device {device} ({dtype}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"{args.images} images, batch {args.batch_size}")
+
+    model = build_model(device, dtype, args.stop_scale)
+    torch.manual_seed(1)
+    embeddings = torch.randn(args.images, 768, device=device)
+    embeddings /= embeddings.norm(dim=-1, keepdim=True)
+    with torch.inference_mode():
+        prefixes = model.prefix(embeddings)
+    batched_all(model, prefixes[:2], 2, beam=False)  # warm-up
+
+    rows = []
+    for name, beam in (("greedy", False), ("beam 5", True)):
+        with torch.inference_mode():
+            ref, ref_s = timed(lambda: reference_all(model, prefixes, beam))
+            got, got_s = timed(lambda: batched_all(model, prefixes, args.batch_size, beam))
+        lengths = [len(t) for t in ref]
+        rows.append((name, args.images / ref_s, args.images / got_s, ref_s / got_s, ref == got,
+                     statistics.mean(lengths), min(lengths), max(lengths)))
+
+    print("\ndecoding only (GPT-2 small, prefix 10, random weights)")
+    print(f"{'strategy':<8} {'reference img/s':>16} {'batched img/s':>14} {'speed-up':>9} {'same tokens':>12} "
+          f"{'tokens mean/min/max':>20}")
+    for name, ref_rate, rate, speedup, same, mean, low, high in rows:
+        print(f"{name:<8} {ref_rate:>16.2f} {rate:>14.2f} {speedup:>8.1f}x {str(same):>12} "
+              f"{mean:>10.1f}/{low}/{high}")
+
+    if args.skip_clip:
+        return
+    clip, preprocess = load_clip(device, dtype)
+    images = photos(args.images)
+
+    def reference_pipeline():
+        out = []
+        for image in images:
+            pixels = preprocess(image).unsqueeze(0).to(device, dtype)
+            features = clip.encode_image(pixels).float()
+            features /= features.norm(dim=-1, keepdim=True)
+            out.append(reference_greedy(model.gpt, model.prefix(features)[0], STOP))
+        return out
+
+    def batched_pipeline():
+        out = []
+        for start in range(0, len(images), args.batch_size):
+            pixels = torch.stack([preprocess(i) for i in images[start:start + args.batch_size]]).to(device, dtype)
+            features = clip.encode_image(pixels).float()
+            features /= features.norm(dim=-1, keepdim=True)
+            out += decode_tokens(model.gpt, model.prefix(features), STOP, 67, greedy_chooser())
+        return out
+
+    with torch.inference_mode():
+        ref, ref_s = timed(reference_pipeline)
+        got, got_s = timed(batched_pipeline)
+    print("\nend to end, greedy (photo -> preprocess -> CLIP ViT-L-14 -> mapper -> GPT-2)")
+    print(f"{'':<8} {'reference img/s':>16} {'batched img/s':>14} {'speed-up':>9} {'same tokens':>12}")
+    print(f"{'greedy':<8} {args.images / ref_s:>16.2f} {args.images / got_s:>14.2f} {ref_s / got_s:>8.1f}x "
+          f"{str(ref == got):>12}")
+
+
+if __name__ == "__main__":
+    main()
