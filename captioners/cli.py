@@ -85,6 +85,11 @@ def load_captioner_from_args(args: argparse.Namespace):
     return captioner.load(args.device, args.dtype)
 
 
+def one_line(text: str) -> str:
+    """Tabs and line breaks would break the path<TAB>caption format."""
+    return " ".join(text.replace("\t", " ").splitlines())
+
+
 # ---- caption --------------------------------------------------------------------------------------
 def cmd_caption(args: argparse.Namespace) -> int:
     from captioners.images import iter_image_files, load_image
@@ -109,7 +114,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
                 record = {"path": str(path), "caption": caption, "model": captioner.spec.id}
                 print(json.dumps(record, ensure_ascii=False), flush=True)
             else:
-                print(f"{path}\t{caption}", flush=True)
+                print(f"{path}\t{one_line(caption)}", flush=True)
     return 1 if failures else 0
 
 
