@@ -203,7 +203,13 @@ def add_info_parsers(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=cmd_convert)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_caption_parser, add_info_parsers]
+def add_ui_parser(sub: argparse._SubParsersAction) -> None:
+    from captioners.app import add_ui_parser as add
+
+    add(sub)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_caption_parser, add_info_parsers, add_ui_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
