@@ -1,8 +1,8 @@
 """CLIP-prefix decoding speed: per-image reference vs batched KV-cached path, side by side.
 
 Builds full-size models with random weights (GPT-2 small + ICG MLP mapper, open_clip ViT-L-14),
-no download. The '.' token's embedding is scaled up so random captions end at realistic lengths
-instead of always running to 67 tokens (which would flatter the cached path even more).
+no download. The '.' token's embedding is scaled up so random captions end at mixed lengths
+instead of always running to 67 tokens (which flatters the cached path even more).
 
     .venv/bin/python bench/bench_clip_prefix.py [--images 16] [--batch-size 16] [--device cpu]
 """
