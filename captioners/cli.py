@@ -170,6 +170,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from captioners.families.clipcap_modules import LEGACY_BUFFER
     from captioners.weights import deduplicate_shared, load_state_dict, save_safetensors
 
     for name in args.files:
@@ -177,8 +178,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if source.suffix == ".safetensors":
             raise CaptionerError(f"{source} is already a .safetensors file.")
         state = load_state_dict(source)
-        from captioners.families.clipcap_modules import LEGACY_BUFFER
-
         state = {k: v for k, v in state.items() if not LEGACY_BUFFER.match(k)}
         target = source.with_suffix(".safetensors")
         save_safetensors(deduplicate_shared(state, drop=("gpt.lm_head.weight", "lm_head.weight")), target)

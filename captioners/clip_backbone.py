@@ -105,7 +105,7 @@ def load_clip(spec: ClipSpec, models_dir: Path, device: torch.device, dtype: tor
         weights = Path(spec.weights).expanduser()
         if not weights.is_file():
             raise MissingWeightsError(f"CLIP weights file not found: {weights}")
-        model.load_state_dict(_read_clip_state_dict(weights), strict=True)
+        model.load_state_dict(_read_clip_state_dict(weights, set(model.state_dict())), strict=True)
     else:
         model, preprocess = _create(open_clip, arch, spec.weights or None, spec, models_dir)
     model.eval().requires_grad_(False).to(device=device, dtype=dtype)
@@ -132,10 +132,12 @@ def _clip_missing(arch: str, pretrained: str | None, cache_dir: Path, exc: Excep
             "so open_clip can download them there, or pass a local weights file (--clip-weights PATH).")
 
 
-def _read_clip_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _read_clip_state_dict(path: Path, expected: set[str]) -> dict[str, torch.Tensor]:
     if path.suffix != ".safetensors" and _is_torchscript(path):
-        # OpenAI's original .pt files are TorchScript archives: code is TorchScript, not pickle.
+        # OpenAI's original .pt files are TorchScript archives (TorchScript code, not pickle); they
+        # also keep non-weight buffers such as attention masks, which the model rebuilds itself.
         state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        state = {k: v for k, v in state.items() if k in expected}
     else:
         state = load_state_dict(path)
     state = {k.removeprefix("module."): v for k, v in state.items()}

@@ -8,7 +8,7 @@ images whose captions are finished leave the batch. The chosen tokens are the sa
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
@@ -167,11 +167,3 @@ def _collect(results: list[list[int]], images: torch.Tensor, which: torch.Tensor
         best = int((scores[i] / lengths[i]).argsort(descending=True)[0])
         results[int(images[i])] = tokens[i, best, : int(lengths[i, best])].tolist()
 
-
-def truncate_after(tokens: Sequence[int], stop_token: int) -> list[int]:
-    out = []
-    for token in tokens:
-        out.append(token)
-        if token == stop_token:
-            break
-    return out

@@ -63,6 +63,14 @@ def _icg_spec(model_id: str, filename: str, description: str) -> ModelSpec:
         description)
 
 
+def _clipcap_mlp_spec(model_id: str, filename: str, repo_id: str, description: str) -> ModelSpec:
+    # rmokady's MLP checkpoints map the raw (not normalised) ViT-B/32 embedding.
+    weights = Asset(f"{FOLDER}/{filename}", repo_id=repo_id, repo_files=(filename,))
+    return ModelSpec(model_id, FAMILY,
+                     ClipPrefixConfig(weights, ClipSpec("ViT-B-32", "openai"), normalize=False, postprocess="clipcap"),
+                     DEFAULT_DECODING, description)
+
+
 PRESETS: list[ModelSpec] = [
     _icg_spec("clip-prefix-flickr8k", "flickr8k.pt", "ICG CLIP-prefix, Flickr8k (ViT-L-14)"),
     _icg_spec("clip-prefix-flickr8k-gradient", "flickr8k_gradient.pt",
@@ -70,21 +78,11 @@ PRESETS: list[ModelSpec] = [
     _icg_spec("clip-prefix-flickr30k", "flickr30k.pt", "ICG CLIP-prefix, Flickr30k (ViT-L-14)"),
     _icg_spec("clip-prefix-flickr30k-gradient", "flickr30k_gradient.pt",
               "ICG CLIP-prefix, Flickr30k, gradient clipping (ViT-L-14)"),
-    ModelSpec(
-        "clipcap-coco", FAMILY,
-        ClipPrefixConfig(Asset(f"{FOLDER}/coco_weights.pt", repo_id="akhaliq/CLIP-prefix-captioning-COCO-weights",
-                               repo_files=("coco_weights.pt",)),
-                         ClipSpec("ViT-B-32", "openai"), normalize=False, postprocess="clipcap"),
-        DEFAULT_DECODING,
-        "ClipCap COCO, MLP mapper, GPT-2 fine-tuned (ViT-B/32)"),
-    ModelSpec(
-        "clipcap-conceptual", FAMILY,
-        ClipPrefixConfig(Asset(f"{FOLDER}/conceptual_weights.pt",
-                               repo_id="akhaliq/CLIP-prefix-captioning-conceptual-weights",
-                               repo_files=("conceptual_weights.pt",)),
-                         ClipSpec("ViT-B-32", "openai"), normalize=False, postprocess="clipcap"),
-        DEFAULT_DECODING,
-        "ClipCap Conceptual Captions, MLP mapper, GPT-2 fine-tuned (ViT-B/32)"),
+    _clipcap_mlp_spec("clipcap-coco", "coco_weights.pt", "akhaliq/CLIP-prefix-captioning-COCO-weights",
+                      "ClipCap COCO, MLP mapper, GPT-2 fine-tuned (ViT-B/32)"),
+    _clipcap_mlp_spec("clipcap-conceptual", "conceptual_weights.pt",
+                      "akhaliq/CLIP-prefix-captioning-conceptual-weights",
+                      "ClipCap Conceptual Captions, MLP mapper, GPT-2 fine-tuned (ViT-B/32)"),
     ModelSpec(
         "clipcap-coco-transformer", FAMILY,
         ClipPrefixConfig(Asset(f"{FOLDER}/transformer_weights.pt",

@@ -1,0 +1,61 @@
+"""CLIP from local files: safetensors, a plain state dict, and OpenAI-style TorchScript archives."""
+
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+
+from captioners.clip_backbone import ClipSpec, load_clip
+from captioners.errors import CaptionerError, MissingWeightsError
+
+
+@pytest.fixture(scope="module")
+def reference_clip(tiny_clip):
+    config, weights = tiny_clip
+    from safetensors.torch import load_file
+
+    open_clip.add_model_config(str(config))
+    model = open_clip.create_model(config.stem, pretrained=None, force_quick_gelu=True).eval()
+    model.load_state_dict(load_file(str(weights)))
+    return model
+
+
+def encode(backbone, pixels):
+    return backbone.encode_images(pixels, normalize=False)
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "state-dict-pt", "torchscript"])
+def test_local_clip_files_load_the_same_weights(kind, tiny_clip, reference_clip, tmp_path, models_dir):
+    config, weights = tiny_clip
+    path = weights
+    if kind == "state-dict-pt":
+        path = tmp_path / "clip.pt"
+        torch.save({"state_dict": {f"module.{k}": v for k, v in reference_clip.state_dict().items()}}, path)
+    elif kind == "torchscript":
+        path = tmp_path / "clip-jit.pt"
+        image = torch.randn(1, 3, 32, 32)
+        text = open_clip.get_tokenizer(config.stem)(["a photo"])
+        torch.jit.trace(reference_clip, (image, text), strict=False, check_trace=False).save(str(path))
+    backbone = load_clip(ClipSpec(config.stem, str(path), str(config)), models_dir, torch.device("cpu"), torch.float32)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(encode(backbone, pixels), reference_clip.encode_image(pixels).float())
+    texts = backbone.encode_texts(["a dog", "a cat", "a city street"])
+    assert texts.shape == (3, 32)
+    torch.testing.assert_close(texts.norm(dim=-1), torch.ones(3))
+
+
+def test_missing_clip_file_and_unknown_arch_are_clear(tiny_clip, models_dir):
+    config, _ = tiny_clip
+    with pytest.raises(MissingWeightsError, match="not found"):
+        load_clip(ClipSpec(config.stem, "/nonexistent/clip.safetensors", str(config)), models_dir,
+                  torch.device("cpu"), torch.float32)
+    with pytest.raises(CaptionerError, match="no CLIP architecture"):
+        load_clip(ClipSpec("No-Such-Arch", "openai"), models_dir, torch.device("cpu"), torch.float32)
+
+
+def test_pretrained_tag_offline_is_a_clear_error(models_dir):
+    with pytest.raises(MissingWeightsError) as info:
+        load_clip(ClipSpec("ViT-B-32", "openai"), models_dir, torch.device("cpu"), torch.float32)
+    assert "--clip-weights" in str(info.value) and str(models_dir / "clip") in str(info.value)
