@@ -56,10 +56,11 @@ def test_caption_handler(service, photos):
     image = Image.open(photos[0])
     caption, status = caption_image(service, image, TINY, *([None] * 13))
     assert caption == service.caption([image])[1][0] and status.startswith(TINY)
-    with pytest.raises(gr.Error):
-        caption_image(service, None, TINY)
-    with pytest.raises(gr.Error, match="coco_weights.pt"):
-        caption_image(service, image, "clipcap-coco" + render.MISSING)
+    # User errors go to the status line; the caption being edited is left alone.
+    kept, status = caption_image(service, None, TINY)
+    assert kept == gr.update() and status == "Upload an image first."
+    kept, status = caption_image(service, image, "clipcap-coco" + render.MISSING)
+    assert kept == gr.update() and status.startswith("Error: Missing model file") and "coco_weights.pt" in status
 
 
 def test_decoding_controls_map_unset_to_none():

@@ -41,17 +41,24 @@ def refresh_models(service: CaptionService, current: str | None = None) -> tuple
         rows = service.model_rows()
         labels, default = model_choices(service)
     except BaseException as exc:
-        raise user_error(exc) from exc
+        raise user_error(exc) from None
     by_id = {render.model_id(label): label for label in labels}
     value = by_id.get(render.model_id(current), default)
     table = render.models_table(rows, str(service.settings().models_dir))
     return gr.update(choices=labels, value=value), table
 
 
+def model_dropdown(labels: list[str], default: str | None, elem_id: str) -> gr.Dropdown:
+    dropdown = gr.Dropdown(labels, value=default, label="Model", elem_id=elem_id)
+    # The default comes from Settings: keep the WebUI from freezing it in ui-config.json.
+    dropdown.do_not_save_to_config = True
+    return dropdown
+
+
 def model_row(service: CaptionService, labels: list[str], default: str | None, elem_id: str) -> gr.Dropdown:
     """A model dropdown with a refresh button beside it."""
     with gr.Row():
-        dropdown = gr.Dropdown(labels, value=default, label="Model", elem_id=elem_id)
+        dropdown = model_dropdown(labels, default, elem_id)
         refresh = gr.Button("🔄", elem_id=f"{elem_id}_refresh", elem_classes=["captioners-tool"])
     refresh.click(lambda current: refresh_models(service, current)[0], inputs=[dropdown], outputs=[dropdown],
                   **show_progress(False))

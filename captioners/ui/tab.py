@@ -18,9 +18,9 @@ from captioners.errors import CaptionerError
 from captioners.service import CaptionService
 from captioners.ui import render
 from captioners.ui.batch_tab import batch_section
-from captioners.ui.compat import blocks_kwargs, error, image_sources, show_progress
-from captioners.ui.controls import DecodingControls, decoding_mapping, model_choices, model_row, refresh_models, \
-    user_error
+from captioners.ui.compat import blocks_kwargs, image_sources, show_progress
+from captioners.ui.controls import DecodingControls, decoding_mapping, model_choices, model_dropdown, model_row, \
+    refresh_models, user_error
 from captioners.ui.local_paths import local_paths_section
 
 log = logging.getLogger(__name__)
@@ -34,15 +34,18 @@ class TabHooks:
 
 
 # ---- handlers (plain functions: the tests call them directly) -------------------------------------
-def caption_image(service: CaptionService, image: Any, model_label: str | None, *decoding: Any) -> tuple[str, str]:
-    """Caption button: (caption, status line)."""
+def caption_image(service: CaptionService, image: Any, model_label: str | None, *decoding: Any) -> tuple[Any, str]:
+    """Caption button: (caption, status line). A user error goes to the status line, and the caption
+    being edited stays as it is."""
     if image is None:
-        raise error("Upload an image first.")
+        return gr.update(), "Upload an image first."
     started = time.perf_counter()
     try:
         model, captions = service.caption([image], render.model_id(model_label), decoding_mapping(*decoding))
+    except CaptionerError as exc:
+        return gr.update(), f"Error: {exc}"
     except BaseException as exc:
-        raise user_error(exc) from exc
+        raise user_error(exc) from None
     return captions[0], f"{model} · {time.perf_counter() - started:.2f} s"
 
 
@@ -65,7 +68,7 @@ def unload_model(service: CaptionService) -> str:
     try:
         unloaded = service.unload()
     except BaseException as exc:
-        raise user_error(exc) from exc
+        raise user_error(exc) from None
     return f"Unloaded {unloaded}." if unloaded else "No model was loaded."
 
 
@@ -114,7 +117,7 @@ def _models_section(service: CaptionService, labels: list[str], default: str | N
     rows = service.model_rows()
     table = gr.HTML(render.models_table(rows, str(service.settings().models_dir)), elem_id="captioners_models_table")
     with gr.Row():
-        dropdown = gr.Dropdown(labels, value=default, label="Model", elem_id="captioners_models_model")
+        dropdown = model_dropdown(labels, default, "captioners_models_model")
         refresh = gr.Button("🔄 Refresh", elem_id="captioners_models_refresh")
         download = gr.Button("Download missing files", elem_id="captioners_download")
         unload = gr.Button("Unload model", elem_id="captioners_unload")

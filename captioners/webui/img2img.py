@@ -120,5 +120,5 @@ class Img2ImgButton:
         except Exception as exc:
             from captioners.ui.controls import user_error
 
-            raise user_error(exc) from exc
+            raise user_error(exc) from None
         return combine(prompt, caption, self.prompt_mode())

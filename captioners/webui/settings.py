@@ -17,7 +17,7 @@ from captioners.options import DecodingOptions
 from captioners.service import AFTER_USE, Settings
 
 SECTION = ("captioners", "Captioners")
-CATEGORY = "postprocessing"  # beside the built-in Interrogate section
+CATEGORY = "postprocessing"  # the Settings page groups sections by category
 PROMPT_MODES = ("replace", "append", "prepend")
 STRATEGY_DEFAULT = "model default"
 
