@@ -185,7 +185,7 @@ class CaptionService:
 
         if not isinstance(job, BatchJob):
             job = BatchJob.from_mapping(job)
-        check_inputs(job.inputs)
+        check_inputs([*job.inputs, *([job.file_list] if getattr(job, "file_list", None) else [])])
         settings = self.settings()
         spec = self.spec(model)
         job = _with_default_decoding(job, settings.decoding)
@@ -319,8 +319,6 @@ class BatchHandle:
 
 def check_inputs(inputs: Sequence[Any]) -> None:
     """Named folders and files must exist (glob patterns are left to the batch engine)."""
-    if not inputs:
-        raise CaptionerError("Give at least one input folder or image file.")
     for item in inputs:
         text = str(item)
         if any(ch in text for ch in "*?["):

@@ -19,23 +19,32 @@ POLICIES = ("skip", "overwrite", "append", "prepend")
 POLL_S = 0.5  # how often the page refreshes a running batch's progress
 
 
-def job_mapping(inputs: str, recursive: bool, output_dir: str, extension: str, existing: str, batch_size: float,
-                dry_run: bool, prefix: str, suffix: str, trigger: str, *decoding: Any) -> dict[str, Any]:
-    """The tab's fields as a ``BatchJob.from_mapping`` mapping."""
-    shaping = {k: v for k, v in (("prefix", prefix), ("suffix", suffix), ("trigger_word", trigger)) if v}
-    job: dict[str, Any] = {
+def words(text: str | None) -> list[str]:
+    """Comma- or line-separated words / tags from a textbox."""
+    return [w.strip() for w in (text or "").replace("\n", ",").split(",") if w.strip()]
+
+
+def job_mapping(inputs: str, recursive: bool, output_dir: str, extension: str, existing: str, backup: bool,
+                batch_size: float, dry_run: bool, prefix: str, suffix: str, trigger: str, trigger_mode: str,
+                class_words: str, exclude: str, lowercase: bool, strip_period: bool, *decoding: Any
+                ) -> dict[str, Any]:
+    """The tab's fields as a ``BatchJob.from_mapping`` mapping (unset text options left out)."""
+    shaping: dict[str, Any] = {"prefix": prefix or "", "suffix": suffix or "", "trigger": (trigger or "").strip(),
+                               "trigger_mode": trigger_mode or "prepend", "class_words": words(class_words),
+                               "exclude": words(exclude), "lowercase": bool(lowercase),
+                               "strip_period": bool(strip_period)}
+    return {
         "inputs": [line.strip() for line in (inputs or "").splitlines() if line.strip()],
         "recursive": bool(recursive),
         "output_dir": (output_dir or "").strip() or None,
         "extension": (extension or "").strip() or ".txt",
         "existing": existing or "skip",
+        "backup": bool(backup),
         "batch_size": int(batch_size or 1),
         "dry_run": bool(dry_run),
+        "shaping": shaping,
         "decoding": decoding_mapping(*decoding),
     }
-    if shaping:
-        job["shaping"] = shaping
-    return job
 
 
 def batch_updates(handle: BatchHandle | None, model: str, message: str = "") -> tuple[str, str, str, str]:
@@ -49,8 +58,12 @@ def batch_updates(handle: BatchHandle | None, model: str, message: str = "") -> 
     if handle.error is not None:
         return render.progress_line(handle.progress, model), "", "", render.error_html(str(handle.error))
     summary = handle.summary
-    return (render.progress_line(handle.progress, model),
-            render.pairs_table(getattr(summary, "previews", []), ("image", "caption"), "No caption written."),
+    if getattr(summary, "dry_run", False):
+        changes = [(c.get("caption_file"), f"{c.get('action')}: {c.get('new')}") for c in summary.changes]
+        written = render.pairs_table(changes, ("caption file", "would be"), "Nothing would change.")
+    else:
+        written = render.pairs_table(getattr(summary, "previews", []), ("image", "caption"), "No caption written.")
+    return (render.progress_line(handle.progress, model), written,
             render.pairs_table(getattr(summary, "failed", []), ("image", "reason"), "No failures."),
             render.summary_html(summary, model))
 
@@ -90,10 +103,24 @@ def batch_section(service: CaptionService, labels: list[str], default: str | Non
                 extension = gr.Textbox(".txt", label="Caption file extension", elem_id="captioners_batch_extension")
                 existing = gr.Radio(list(POLICIES), value="skip", label="When a caption file exists",
                                     elem_id="captioners_batch_existing")
-            with gr.Row():
-                prefix = gr.Textbox(label="Prefix", elem_id="captioners_batch_prefix")
-                suffix = gr.Textbox(label="Suffix", elem_id="captioners_batch_suffix")
-                trigger = gr.Textbox(label="Trigger word", elem_id="captioners_batch_trigger")
+            backup = gr.Checkbox(value=True, label="Keep a .bak copy of caption files it changes",
+                                 elem_id="captioners_batch_backup")
+            with gr.Accordion("Text shaping", open=False, elem_id="captioners_batch_shaping"):
+                with gr.Row():
+                    trigger = gr.Textbox(label="Trigger word", elem_id="captioners_batch_trigger")
+                    trigger_mode = gr.Radio(["prepend", "replace"], value="prepend", label="Trigger word",
+                                            elem_id="captioners_batch_trigger_mode")
+                    class_words = gr.Textbox(label="Class words it replaces (comma-separated)",
+                                             elem_id="captioners_batch_class_words")
+                with gr.Row():
+                    prefix = gr.Textbox(label="Prefix (verbatim, include your own \", \")",
+                                        elem_id="captioners_batch_prefix")
+                    suffix = gr.Textbox(label="Suffix (verbatim)", elem_id="captioners_batch_suffix")
+                    exclude = gr.Textbox(label="Remove words / tags (comma-separated)",
+                                         elem_id="captioners_batch_exclude")
+                with gr.Row():
+                    lowercase = gr.Checkbox(label="Lowercase", elem_id="captioners_batch_lowercase")
+                    strip_period = gr.Checkbox(label="Drop a trailing \" .\"", elem_id="captioners_batch_strip_period")
             batch_size = gr.Slider(1, 64, value=8, step=1, label="Batch size", elem_id="captioners_batch_size")
             dropdown = model_row(service, labels, default, "captioners_batch_model")
             with gr.Accordion("Decoding options", open=False, elem_id="captioners_batch_decoding"):
@@ -106,8 +133,8 @@ def batch_section(service: CaptionService, labels: list[str], default: str | Non
             summary = gr.HTML(elem_id="captioners_batch_summary")
             previews = gr.HTML(elem_id="captioners_batch_previews")
             failures = gr.HTML(elem_id="captioners_batch_failures")
-    fields = [inputs, recursive, output_dir, extension, existing, batch_size, dry_run, prefix, suffix, trigger,
-              *decoding.components]
+    fields = [inputs, recursive, output_dir, extension, existing, backup, batch_size, dry_run, prefix, suffix, trigger,
+              trigger_mode, class_words, exclude, lowercase, strip_period, *decoding.components]
     start.click(partial(start_batch, service), inputs=[dropdown, *fields], outputs=[progress, previews, failures, summary])
     # Not queued: it must get through while the batch's own event holds the queue.
     stop.click(partial(interrupt_batch, service), outputs=[summary], queue=False)
