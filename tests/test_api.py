@@ -15,6 +15,8 @@ from PIL import Image
 from tests.webui_host import TINY, webui  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
+# The routes do not depend on the host's flavour (that is tested in test_webui_adapter.py).
+pytestmark = pytest.mark.parametrize("webui", ["a1111"], indirect=True)
 
 
 def b64(path: Path, fmt: str = "PNG") -> str:

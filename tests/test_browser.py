@@ -101,7 +101,7 @@ def page(browser, app_url):
 
 def open_tab(page, name: str) -> None:
     """A sub-tab of the Captioners tab (a button in gradio 3, role=tab later)."""
-    page.locator(f"#captioners_tabs button:has-text('{name}')").first.click()
+    page.locator(f"#captioners_tabs button:has-text('{name}'):visible").first.click()
 
 
 def test_upload_caption_edit(page, models_dir, photos):

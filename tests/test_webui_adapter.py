@@ -14,6 +14,8 @@ from tests.webui_host import TINY, tiny_models_dir, webui  # noqa: F401  (fixtur
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "captioners_webui.py"
+# For what does not differ between A1111, Forge and reForge.
+any_host = pytest.mark.parametrize("webui", ["a1111"], indirect=True)
 
 
 def load_script():
@@ -50,6 +52,7 @@ def test_script_only_registers_callbacks(webui):
                           "callbacks_app_started": 1, "callbacks_script_unloaded": 1}
 
 
+@any_host
 def test_every_setting_has_a_section_and_a_component(webui, extension):
     opts = webui.shared.opts
     keys = [k for k in opts.data_labels if k.startswith("captioners_")]
@@ -71,6 +74,7 @@ def test_every_setting_has_a_section_and_a_component(webui, extension):
     assert webui.script_callbacks.errors == []
 
 
+@any_host
 def test_settings_are_read_at_each_use(webui, extension, tmp_path):
     opts = webui.shared.opts
     settings = extension.service.settings()
@@ -87,6 +91,7 @@ def test_settings_are_read_at_each_use(webui, extension, tmp_path):
     assert settings.decoding.to_dict() == {"strategy": "beam", "num_beams": 3, "top_p": 0.5, "seed": 7}
 
 
+@any_host
 def test_tab_builds_with_send_to_buttons(webui, extension):
     tabs = webui.script_callbacks.ui_tabs_callback()
     assert webui.script_callbacks.errors == []
@@ -216,6 +221,7 @@ def test_job_frees_vram_on_gpu_only_and_always_ends(webui, extension):
     assert [h[0] for h in state.history[-3:]] == ["end", "begin", "end"]
 
 
+@any_host
 def test_failed_caption_frees_the_model_and_ends_the_job(webui, extension, photos):
     service = extension.service
     service.caption([Image.open(photos[0])])
@@ -232,6 +238,7 @@ def test_failed_caption_frees_the_model_and_ends_the_job(webui, extension, photo
     assert not webui.shared.state.busy and not webui.call_queue.queue_lock.locked()
 
 
+@any_host
 def test_device_and_precision_follow_the_webui(webui, extension):
     from captioners.webui.host import WebUIHost
 
@@ -247,6 +254,7 @@ def test_device_and_precision_follow_the_webui(webui, extension):
         webui.shared.cmd_opts.no_half = False
 
 
+@any_host
 def test_webui_interrupt_stops_our_jobs(webui, extension):
     host = extension.host
     assert not host.stop_requested()
@@ -254,6 +262,7 @@ def test_webui_interrupt_stops_our_jobs(webui, extension):
     assert host.stop_requested()
 
 
+@any_host
 def test_reload_unloads_the_model(webui, extension, photos):
     extension.service.caption([Image.open(photos[0])])
     assert extension.service.loaded_model() == TINY
