@@ -102,11 +102,6 @@ def test_missing_weights_message_names_file_source_and_folder(client, photos):
     assert "coco_weights.pt" in detail and "huggingface.co/akhaliq" in detail and "Captioners" in detail
 
 
-def test_batch_with_a_missing_folder_is_404(client, tmp_path):
-    response = client.post("/captioners/v1/batch", json={"inputs": [str(tmp_path / "nowhere")]})
-    assert response.status_code == 404 and "not found" in response.json()["detail"]
-
-
 def test_interrupt_without_a_batch(client):
     assert client.post("/captioners/v1/interrupt").json() == {"interrupted": False}
 

@@ -100,8 +100,12 @@ def page(browser, app_url):
 
 
 def open_tab(page, name: str) -> None:
-    """A sub-tab of the Captioners tab (a button in gradio 3, role=tab later)."""
-    page.locator(f"#captioners_tabs button:has-text('{name}'):visible").first.click()
+    """A sub-tab of the Captioners tab: a button in gradio 3; role=tab later (gradio 6 also keeps
+    hidden copies of the buttons for its overflow menu)."""
+    from captioners.ui.compat import GRADIO_MAJOR
+
+    button = "[role=tab]" if GRADIO_MAJOR >= 4 else ".tab-nav > button"
+    page.locator(f"#captioners_tabs {button}:has-text('{name}')").first.click()
 
 
 def test_upload_caption_edit(page, models_dir, photos):
@@ -132,3 +136,51 @@ def test_models_tab_lists_files(page):
     expect(log).to_have_value(re.compile(rf"^(Unloaded {TINY}\.|No model was loaded\.)$"))
     page.click("#captioners_unload")
     expect(log).to_have_value("No model was loaded.")
+
+
+def make_images(folder: Path, count: int, size: int = 48) -> Path:
+    """Small distinct PNGs (fast to write and to caption)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.new("RGB", (size, size), ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256)).save(folder / f"{i:04d}.png")
+    return folder
+
+
+def start_batch(page, folder: Path, batch_size: int) -> None:
+    open_tab(page, "Batch")
+    page.fill("#captioners_batch_inputs textarea", str(folder))
+    size = page.locator("#captioners_batch_size input[type=number]").first
+    size.fill(str(batch_size))
+    size.press("Enter")
+    page.click("#captioners_batch_start")
+
+
+def test_batch_shows_progress_and_summary_then_interrupts_a_second_one(page, photos, tmp_path):
+    from playwright.sync_api import expect
+
+    pytest.importorskip("captioners.batch", reason="the batch engine (issue 4) is not on this branch yet")
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for photo in photos:
+        (folder / photo.name).write_bytes(photo.read_bytes())
+    start_batch(page, folder, 4)
+    summary = page.locator("#captioners_batch_summary").first
+    expect(summary).to_contain_text("Batch finished")
+    expect(summary).to_contain_text(f"captioned {len(photos)}, skipped 0, failed 0")
+    progress = page.locator("#captioners_batch_progress").first
+    expect(progress).to_contain_text(f"{len(photos)}/{len(photos)}")
+    expect(progress).to_contain_text("images/s")
+    expect(page.locator("#captioners_batch_previews").first).to_contain_text(photos[0].name)
+    expect(page.locator("#captioners_batch_failures").first).to_contain_text("No failures.")
+    assert sorted(p.stem for p in folder.glob("*.txt")) == sorted(p.stem for p in photos)
+
+    big = make_images(tmp_path / "big", 600)
+    start_batch(page, big, 1)
+    expect(progress).to_have_text(re.compile(r".*\b([1-9]\d*)/600\b.*"))  # under way, not done
+    page.click("#captioners_batch_interrupt")
+    expect(page.locator("#captioners_batch_notice").first).to_contain_text("Interrupt requested")
+    expect(summary).to_contain_text("Batch interrupted")
+    written = len(list(big.glob("*.txt")))
+    assert 0 < written < 600
+    assert not list(big.glob("*.tmp*")), "an interrupted run leaves no partial files"

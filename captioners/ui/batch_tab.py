@@ -68,22 +68,29 @@ def batch_updates(handle: BatchHandle | None, model: str, message: str = "") -> 
             render.summary_html(summary, model))
 
 
-def start_batch(service: CaptionService, model_label: str | None, *fields: Any) -> Iterator[tuple[str, ...]]:
-    """Run a batch in the background and stream its progress until it ends."""
+def start_batch(service: CaptionService, model_label: str | None, *fields: Any) -> Iterator[tuple[Any, ...]]:
+    """Run a batch in the background and stream its progress until it ends.
+
+    Yields (progress, captions, failures, summary, notice); the notice line (where Interrupt
+    answers) is cleared once at the start and otherwise left to the Interrupt button.
+    """
     model = render.model_id(model_label)
     try:
         job = job_mapping(*fields)
         handle = BatchHandle(service, job, model)
     except CaptionerError as exc:
-        yield batch_updates(None, "", str(exc))
+        yield (*batch_updates(None, "", str(exc)), "")
         return
+    notice: Any = ""
     while not handle.done.wait(POLL_S):
-        yield batch_updates(handle, model or "")
-    yield batch_updates(handle, model or "")
+        yield (*batch_updates(handle, model or ""), notice)
+        notice = gr.update()
+    yield (*batch_updates(handle, model or ""), notice)
 
 
 def interrupt_batch(service: CaptionService) -> str:
-    return ("<p>Interrupting: the batch stops after the current images.</p>" if service.interrupt()
+    """Its own output line: it races the batch's last update, which must not be overwritten."""
+    return ("<p>Interrupt requested: the batch stops after the current images.</p>" if service.interrupt()
             else "<p>No batch is running.</p>")
 
 
@@ -130,12 +137,14 @@ def batch_section(service: CaptionService, labels: list[str], default: str | Non
                 stop = gr.Button("Interrupt", variant="stop", elem_id="captioners_batch_interrupt")
         with gr.Column():
             progress = gr.HTML(elem_id="captioners_batch_progress")
+            notice = gr.HTML(elem_id="captioners_batch_notice")
             summary = gr.HTML(elem_id="captioners_batch_summary")
             previews = gr.HTML(elem_id="captioners_batch_previews")
             failures = gr.HTML(elem_id="captioners_batch_failures")
     fields = [inputs, recursive, output_dir, extension, existing, backup, batch_size, dry_run, prefix, suffix, trigger,
               trigger_mode, class_words, exclude, lowercase, strip_period, *decoding.components]
-    start.click(partial(start_batch, service), inputs=[dropdown, *fields], outputs=[progress, previews, failures, summary])
+    start.click(partial(start_batch, service), inputs=[dropdown, *fields],
+                outputs=[progress, previews, failures, summary, notice])
     # Not queued: it must get through while the batch's own event holds the queue.
-    stop.click(partial(interrupt_batch, service), outputs=[summary], queue=False)
+    stop.click(partial(interrupt_batch, service), outputs=[notice], queue=False)
     return dropdown
