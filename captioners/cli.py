@@ -1,4 +1,4 @@
-"""Command line: ``python -m captioners {caption,models,download,convert} ...``.
+"""Command line: ``python -m captioners {caption,batch,models,download,convert} ...``.
 
 Errors meant for users are one line on stderr and a non-zero exit; ``--debug`` shows tracebacks.
 """
@@ -202,13 +202,20 @@ def add_info_parsers(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=cmd_convert)
 
 
+def add_batch_parser(sub: argparse._SubParsersAction) -> None:
+    from captioners.batch.command import add_batch_parser as add  # the batch engine's own options
+
+    add(sub)
+
+
 def add_ui_parser(sub: argparse._SubParsersAction) -> None:
     from captioners.app import add_ui_parser as add
 
     add(sub)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_caption_parser, add_info_parsers, add_ui_parser]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_caption_parser, add_batch_parser,
+                                                                    add_info_parsers, add_ui_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from captioners.errors import ImageLoadError
 
 log = logging.getLogger(__name__)
 
+ORIENTATION = 0x0112  # EXIF tag
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -51,7 +52,8 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
     """Upright RGB: EXIF rotation applied, first frame of animations, alpha composited on white."""
     if getattr(image, "is_animated", False):
         image.seek(0)
-    image = ImageOps.exif_transpose(image) or image
+    if image.getexif().get(ORIENTATION, 1) != 1:  # exif_transpose copies even upright images
+        image = ImageOps.exif_transpose(image) or image
     mode = image.mode
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -93,8 +95,11 @@ def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Im
                 return to_rgb(image)
     except FileNotFoundError as exc:
         raise ImageLoadError(f"{path}: file not found") from exc
+    except PermissionError as exc:
+        raise ImageLoadError(f"{path}: permission denied (the file is not readable)") from exc
     except UnidentifiedImageError as exc:
-        raise ImageLoadError(f"{path}: not an image Pillow can read") from exc
+        empty = path.is_file() and path.stat().st_size == 0
+        raise ImageLoadError(f"{path}: {'empty file (0 bytes)' if empty else 'not an image Pillow can read'}") from exc
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(f"{path}: too many pixels (possible decompression bomb): {exc}") from exc
     except (OSError, SyntaxError, ValueError) as exc:

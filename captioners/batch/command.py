@@ -1,0 +1,224 @@
+"""``python -m captioners batch DIR... [options]``: caption training folders into sidecar files.
+
+Exit status: 0 when the run finished (even with some bad images), 1 when every image failed,
+2 when the run could not start (bad option, no images, missing weights), 130 when stopped by
+Ctrl-C / SIGTERM (the current batch is finished and written first; a second Ctrl-C stops at once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections import Counter
+from typing import Any
+
+from captioners.batch.job import BatchJob, ExistingPolicy, Loader, TriggerMode
+from captioners.batch.report import BatchSummary, Progress
+
+SHOWN_CHANGES = 20  # dry run: changes printed (all of them with --json)
+
+
+def add_batch_parser(sub: argparse._SubParsersAction) -> None:
+    from captioners import cli
+
+    parser = sub.add_parser("batch", help="caption folders into <stem>.txt files (training sets)",
+                            description=__doc__.splitlines()[0])
+    parser.add_argument("inputs", nargs="*", metavar="DIR_FILE_OR_GLOB",
+                        help="folders, image files or quoted glob patterns ('data/**/*.png')")
+    parser.add_argument("--recursive", "-r", action="store_true", help="look into sub-folders")
+    parser.add_argument("--file-list", metavar="FILE", help="text file with one image path per line")
+
+    out = parser.add_argument_group("caption files")
+    out.add_argument("--output-dir", metavar="DIR", help="write captions here, mirroring the input folders "
+                                                         "(default: beside each image)")
+    out.add_argument("--extension", default=".txt", help="caption file extension, e.g. .caption (default .txt)")
+    out.add_argument("--existing", choices=[p.value for p in ExistingPolicy], default="skip",
+                     help="when a caption file exists: skip (default; reruns resume), overwrite, append, prepend")
+    out.add_argument("--separator", default=", ", help="between old and new text for append/prepend "
+                                                       "(default ', ')")
+    out.add_argument("--no-dedupe", dest="dedupe_tags", action="store_false",
+                     help="append/prepend: keep tags the existing caption already has")
+    out.add_argument("--no-backup", dest="backup", action="store_false",
+                     help="do not keep <caption>.bak when changing an existing caption file")
+    out.add_argument("--dry-run", action="store_true", help="write nothing; show what would change")
+
+    text = parser.add_argument_group("caption text")
+    text.add_argument("--prefix", default="", help="text put before every caption, verbatim (e.g. 'photo of sks, ')")
+    text.add_argument("--suffix", default="", help="text put after every caption, verbatim")
+    text.add_argument("--trigger", default="", help="trigger word added to every caption")
+    text.add_argument("--trigger-mode", choices=[m.value for m in TriggerMode], default="prepend",
+                      help="prepend the trigger, or replace the --class-word(s) with it (default prepend)")
+    text.add_argument("--class-word", dest="class_words", action="append", default=[], metavar="WORD",
+                      help="word the trigger replaces in replace mode (repeatable, or comma-separated)")
+    text.add_argument("--exclude", action="append", default=[], metavar="WORDS",
+                      help="words or tags to remove (repeatable, or comma-separated)")
+    text.add_argument("--replace", nargs=2, action="append", default=[], metavar=("REGEX", "REPLACEMENT"),
+                      help="regular-expression search and replace (repeatable)")
+    text.add_argument("--lowercase", action="store_true", help="lower-case the generated caption")
+    text.add_argument("--strip-period", action="store_true", help="drop the trailing ' .' of Flickr-style captions")
+    text.add_argument("--max-tokens", type=int, default=75,
+                      help="warn about captions longer than this many CLIP tokens (0: no check; default 75)")
+
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--batch-size", type=int, default=8)
+    speed.add_argument("--workers", type=int, default=2, help="image decoding workers (0: main thread)")
+    speed.add_argument("--loader", choices=[m.value for m in Loader], default="auto",
+                       help="decoding workers as threads or processes (default auto: processes when the "
+                            "model runs on the CPU with several torch threads, else threads)")
+    speed.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 can be "
+                                                   "much faster on a busy machine)")
+    speed.add_argument("--fast-decode", action="store_true",
+                       help="decode JPEGs at reduced size (faster on large photos; pixels differ slightly)")
+
+    combined = parser.add_argument_group("combined outputs")
+    combined.add_argument("--jsonl", metavar="FILE", help="also write path, caption, model and options per line")
+    combined.add_argument("--csv", metavar="FILE", help="also write a path,caption,model CSV")
+    combined.add_argument("--kohya-json", metavar="FILE",
+                          help="merge captions into kohya fine-tuning metadata {image_key: {caption: ...}}")
+    combined.add_argument("--kohya-full-path", action="store_true",
+                          help="kohya keys are absolute image paths (default: file stems)")
+    combined.add_argument("--report", metavar="FILE", help="write the summary, every failure and its reason as JSON")
+    combined.add_argument("--json", action="store_true", help="print the summary as JSON instead of text")
+
+    cli.add_model_options(parser)
+    cli.add_decoding_options(parser)
+    cli.add_common(parser)
+    parser.set_defaults(func=cmd_batch)
+
+
+def job_from_args(args: argparse.Namespace) -> BatchJob:
+    from captioners import cli
+
+    shaping = {"prefix": args.prefix, "suffix": args.suffix, "trigger": args.trigger,
+               "trigger_mode": args.trigger_mode, "class_words": _split(args.class_words),
+               "exclude": _split(args.exclude), "replacements": [list(p) for p in args.replace],
+               "lowercase": args.lowercase, "strip_period": args.strip_period, "max_tokens": args.max_tokens}
+    job = BatchJob.from_mapping({
+        "inputs": args.inputs, "recursive": args.recursive, "file_list": args.file_list,
+        "output_dir": args.output_dir, "extension": args.extension, "existing": args.existing,
+        "separator": args.separator, "dedupe_tags": args.dedupe_tags, "backup": args.backup,
+        "dry_run": args.dry_run, "shaping": shaping, "batch_size": args.batch_size, "workers": args.workers,
+        "loader": args.loader, "fast_decode": args.fast_decode, "jsonl": args.jsonl, "csv": args.csv,
+        "kohya_json": args.kohya_json, "kohya_full_path": args.kohya_full_path, "report": args.report})
+    job.decoding = cli.decoding_options(args)
+    return job
+
+
+def _split(values: list[str]) -> list[str]:
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from captioners import cli
+    from captioners.batch.runner import plan_job, run_batch
+    from captioners.errors import CaptionerError
+
+    if not args.inputs and not args.file_list:
+        raise CaptionerError("Give at least one folder, image or glob pattern (or --file-list).")
+    job = job_from_args(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
+    plan = plan_job(job)  # bad inputs fail here, before the model is loaded
+    captioner = cli.load_captioner_from_args(args)
+    stop = StopOnSignal()
+    with stop, ProgressBar(disable=args.quiet or args.json) as bar:
+        summary = run_batch(captioner, job, on_progress=bar.update, should_stop=stop, plan=plan)
+    _reconfigure_stdout()
+    if args.json:
+        print(json.dumps(summary.to_dict(), ensure_ascii=False, indent=2))
+    else:
+        print_summary(summary)
+    if summary.interrupted:
+        return 130
+    every_image_failed = summary.failed and not summary.captioned and not summary.skipped
+    return 1 if every_image_failed else 0
+
+
+class StopOnSignal:
+    """First Ctrl-C (or SIGTERM): finish the current batch and stop. Second Ctrl-C: stop at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after the current batch (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "StopOnSignal":
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class ProgressBar:
+    """tqdm on stderr (only on a terminal): n/N, images/s and ETA, counts of each outcome."""
+
+    def __init__(self, disable: bool):
+        self.disable = disable
+        self.bar = None
+
+    def update(self, progress: Progress) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            # Skipped images are counted as 'initial' so they do not inflate the rate and ETA.
+            self.bar = tqdm(total=progress.total, initial=progress.done, unit="img", file=sys.stderr,
+                            dynamic_ncols=True, disable=True if self.disable else None)
+        self.bar.update(progress.done - self.bar.n)
+        self.bar.set_postfix(captioned=progress.captioned, skipped=progress.skipped, failed=progress.failed,
+                             refresh=False)
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def print_summary(summary: BatchSummary) -> None:
+    from captioners.cli import one_line
+
+    verb = "would caption" if summary.dry_run else "captioned"
+    print(f"{verb} {summary.captioned}, skipped {summary.skipped} (caption exists), failed {len(summary.failed)} "
+          f"of {summary.total} images in {summary.elapsed_s:.1f} s ({summary.images_per_s:.2f} images/s)"
+          + (" - stopped early; rerun to caption the rest" if summary.interrupted else ""))
+    if summary.failed:
+        print(f"failed ({len(summary.failed)}):")
+        for path, reason in summary.failed:
+            print(f"  {path}: {reason}")
+    if summary.warnings:
+        print(f"warnings ({len(summary.warnings)}):")
+        for path, message in summary.warnings:
+            print(f"  {path}: {message}")
+    if summary.dry_run:
+        actions = Counter(change["action"] for change in summary.changes if change["image"])
+        print("dry run, nothing written; would " + (", ".join(f"{k} {v}" for k, v in sorted(actions.items()))
+                                                     or "change nothing"))
+        for change in summary.changes[:SHOWN_CHANGES]:
+            print(f"  {change['action']:<9} {change['caption_file']}: {one_line(str(change['new']))}")
+        if len(summary.changes) > SHOWN_CHANGES:
+            print(f"  ... {len(summary.changes) - SHOWN_CHANGES} more (see --json)")
+    elif summary.backups:
+        print(f"backups of replaced files: {len(summary.backups)} (*.bak)")
+
+
+def _reconfigure_stdout() -> None:
+    """Unicode file names must not crash the summary on a console that is not UTF-8."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure:
+        reconfigure(errors="backslashreplace")

@@ -1,0 +1,152 @@
+"""Finding the images of a job and where each one's caption goes.
+
+Inputs are folders (optionally recursive), image files, glob patterns and a file list. Files that are
+not images (caption sidecars, notes, hidden files) are ignored, not reported. Each image maps to one
+caption file ``<stem><ext>``: beside it, or under ``output_dir`` mirroring its place below the input
+folder. Two images that would share a caption file (``a.jpg`` and ``a.png``) are reported instead of
+one silently replacing the other's caption.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from captioners.errors import CaptionerError
+from captioners.images import is_image_path
+
+GLOB_CHARS = "*?["
+
+
+@dataclass(frozen=True)
+class Found:
+    """An image and the folder its relative (mirrored) path is taken from."""
+
+    path: Path
+    root: Path
+
+
+@dataclass
+class Planned:
+    """An image of the job with its caption file."""
+
+    index: int
+    image: Path
+    caption_file: Path
+
+
+@dataclass
+class Discovery:
+    items: list[Planned]
+    failed: list[tuple[str, str]]  # images that cannot be captioned: (path, reason)
+
+
+def find_images(inputs: list[str], recursive: bool = False, file_list: str | None = None) -> Iterator[Found]:
+    """Images named by the inputs, each input in a stable (sorted) order. Missing inputs raise."""
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            yield from _walk(path, recursive)
+        elif any(c in item for c in GLOB_CHARS) and not path.exists():
+            root = _glob_root(item)
+            for match in sorted(glob.glob(os.path.expanduser(item), recursive=True)):
+                found = Path(match)
+                if found.is_file() and is_image_path(found):
+                    yield Found(found, root)
+        elif path.is_file() or path.is_symlink():
+            if is_image_path(path):
+                yield Found(path, path.parent)
+        else:
+            raise CaptionerError(f"Input {item} does not exist: give existing folders, image files or glob patterns.")
+    if file_list:
+        yield from _read_file_list(Path(file_list).expanduser())
+
+
+def _walk(folder: Path, recursive: bool) -> Iterator[Found]:
+    """Images in ``folder``; hidden files and hidden sub-folders (.git, .cache ...) are left out."""
+    if not recursive:
+        with os.scandir(folder) as entries:
+            names = sorted(e.name for e in entries if _is_file(e))
+        for name in names:
+            if is_image_path(folder / name):
+                yield Found(folder / name, folder)
+        return
+    for current, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        base = Path(current)
+        for name in sorted(files):
+            if is_image_path(base / name):
+                yield Found(base / name, folder)
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
+def _glob_root(pattern: str) -> Path:
+    """The folder part of a pattern before its first wildcard: mirrored paths start there."""
+    parts = Path(os.path.expanduser(pattern)).parts
+    fixed = []
+    for part in parts[:-1]:
+        if any(c in part for c in GLOB_CHARS):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
+
+
+def _read_file_list(path: Path) -> Iterator[Found]:
+    """One image path per line (relative ones are relative to the list's folder); '#' starts a comment."""
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CaptionerError(f"Cannot read the file list {path}: {exc}") from exc
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        image = Path(line).expanduser()
+        image = image if image.is_absolute() else path.parent / image
+        if is_image_path(image) or not image.exists():
+            yield Found(image, image.parent)  # a missing file is reported when it fails to open
+
+
+def caption_path(found: Found, extension: str, output_dir: Path | None) -> Path:
+    """``<stem><ext>`` beside the image, or at the image's relative place under ``output_dir``."""
+    name = found.path.stem + extension
+    if output_dir is None:
+        return found.path.with_name(name)
+    try:
+        relative = found.path.parent.relative_to(found.root)
+    except ValueError:  # e.g. '..' in a glob: fall back to the flat name
+        relative = Path()
+    return output_dir / relative / name
+
+
+def plan_images(inputs: list[str], recursive: bool, file_list: str | None, extension: str,
+                output_dir: str | None) -> Discovery:
+    """Every image once (by real path) with its caption file; caption-file clashes are failures."""
+    out_dir = Path(output_dir).expanduser() if output_dir else None
+    items: list[Planned] = []
+    failed: list[tuple[str, str]] = []
+    seen_images: set[str] = set()
+    owners: dict[str, Path] = {}
+    for found in find_images(inputs, recursive, file_list):
+        key = os.path.normcase(os.path.realpath(found.path))
+        if key in seen_images:
+            continue
+        seen_images.add(key)
+        target = caption_path(found, extension, out_dir)
+        target_key = os.path.normcase(os.path.abspath(target))
+        if target_key in owners:
+            failed.append((str(found.path), f"its caption file {target} is also the caption file of "
+                                            f"{owners[target_key]}; rename one of the two images"))
+            continue
+        owners[target_key] = found.path
+        items.append(Planned(len(items), found.path, target))
+    return Discovery(items, failed)

@@ -1,0 +1,140 @@
+"""Decoding and preprocessing images in workers while the model runs on the previous batch.
+
+``ImageDataset`` opens one image (``load_image``: upright RGB, alpha on white, first frame) and runs
+the captioner's preprocessor; a failure becomes its reason instead of an exception, and ``collate``
+drops failed images from the batch (kohya / JoyCaption style), passing their reasons on.
+
+Two ways to run it in parallel (``BatchJob.loader``):
+
+- ``threads``: a thread pool. Pillow's decoders and resizers and torch's tensor ops release the
+  GIL, so threads overlap with the model without starting processes. Safe inside the WebUI (no fork
+  of a large multi-threaded server) and cheap to start.
+- ``processes``: torch DataLoader worker processes, each with one torch thread. When the model
+  itself runs on the CPU with several torch threads, the preprocessors' tensor ops in worker
+  *threads* each start their own OpenMP team and fight the model for the cores; on the 2-core test
+  machine that made the thread loader up to 2x slower (bench/bench_batch.py), so ``auto`` picks
+  processes there and threads otherwise (GPU, or a single torch thread, where both measure the same).
+"""
+
+from __future__ import annotations
+
+import signal
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from PIL import Image
+
+from captioners.batch.job import Loader
+from captioners.errors import ImageLoadError
+from captioners.images import load_image
+
+PREFETCH_BATCHES = 2  # batches decoded ahead of the model
+
+
+@dataclass
+class LoadedBatch:
+    indices: list[int]                 # dataset positions of the images in ``pixels``
+    pixels: torch.Tensor | None        # (B, 3, H, W); None when every image failed
+    failed: list[tuple[int, str]]      # (dataset position, reason)
+
+    def pin_memory(self) -> "LoadedBatch":
+        """Page-locked pixels copy to the GPU asynchronously (DataLoader calls this too)."""
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
+        return self
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    def __init__(self, paths: list[Path], preprocess: Callable[[Image.Image], torch.Tensor],
+                 min_side: int | None = None):
+        self.paths = paths
+        self.preprocess = preprocess
+        self.min_side = min_side  # set: JPEGs are decoded at reduced size (draft mode)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
+        path = self.paths[index]
+        try:
+            return index, self.preprocess(load_image(path, min_side=self.min_side))
+        except ImageLoadError as exc:
+            return index, str(exc).removeprefix(f"{path}: ")
+        except MemoryError:
+            return index, "not enough memory to decode this image"
+        except Exception as exc:  # a preprocessing failure must not end a long run
+            return index, f"preprocessing failed: {type(exc).__name__}: {exc}"
+
+
+def collate(items: list[tuple[int, torch.Tensor | str]]) -> LoadedBatch:
+    ok = [(i, x) for i, x in items if isinstance(x, torch.Tensor)]
+    failed = [(i, x) for i, x in items if not isinstance(x, torch.Tensor)]
+    pixels = torch.stack([x for _, x in ok]) if ok else None
+    return LoadedBatch([i for i, _ in ok], pixels, failed)
+
+
+def resolve_loader(loader: Loader, device: torch.device | None) -> Loader:
+    if loader != Loader.AUTO:
+        return loader
+    cpu_model = device is None or device.type == "cpu"
+    return Loader.PROCESSES if cpu_model and torch.get_num_threads() > 1 else Loader.THREADS
+
+
+def iter_batches(dataset: ImageDataset, batch_size: int, workers: int, loader: Loader,
+                 pin_memory: bool = False) -> Iterator[LoadedBatch]:
+    """Batches in dataset order (``loader`` already resolved). Close the iterator to stop the workers."""
+    if workers == 0 or len(dataset) <= 1:
+        batches = _inline_batches(dataset, batch_size)
+    elif loader == Loader.PROCESSES:
+        batches = _process_batches(dataset, batch_size, workers, pin_memory)
+    else:
+        batches = _thread_batches(dataset, batch_size, workers)
+    try:
+        for batch in batches:
+            yield batch.pin_memory() if pin_memory and loader != Loader.PROCESSES else batch
+    finally:
+        batches.close()
+
+
+def _inline_batches(dataset: ImageDataset, batch_size: int) -> Iterator[LoadedBatch]:
+    for start in range(0, len(dataset), batch_size):
+        yield collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+
+
+def _thread_batches(dataset: ImageDataset, batch_size: int, workers: int) -> Iterator[LoadedBatch]:
+    total = len(dataset)
+    window = batch_size * (PREFETCH_BATCHES + 1)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="captioners-load")
+    pending: deque[Future] = deque()
+    submitted = 0
+    try:
+        for start in range(0, total, batch_size):
+            while submitted < min(total, start + window):
+                pending.append(pool.submit(dataset.__getitem__, submitted))
+                submitted += 1
+            yield collate([pending.popleft().result() for _ in range(min(batch_size, total - start))])
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # at most ``workers`` images still finish
+
+
+def _process_batches(dataset: ImageDataset, batch_size: int, workers: int,
+                     pin_memory: bool) -> Iterator[LoadedBatch]:
+    data = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                                       worker_init_fn=_ignore_sigint, prefetch_factor=PREFETCH_BATCHES,
+                                       pin_memory=pin_memory)
+    iterator = iter(data)
+    try:
+        yield from iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown:
+            shutdown()
+
+
+def _ignore_sigint(_: int) -> None:
+    """Ctrl-C reaches the whole process group; only the main process decides how to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1,0 +1,76 @@
+"""What a run tells its caller: progress after every batch, and a summary at the end."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+RECENT = 8    # captions shown in Progress.recent
+PREVIEWS = 8  # first captions kept in BatchSummary.previews
+
+
+@dataclass
+class Progress:
+    done: int              # images dealt with: captioned + skipped + failed
+    total: int
+    captioned: int
+    skipped: int
+    failed: int
+    elapsed_s: float
+    images_per_s: float    # images captioned or failed per second of captioning (skips excluded)
+    eta_s: float | None
+    recent: list[tuple[str, str]] = field(default_factory=list)  # (image path, caption), latest batch
+
+
+@dataclass
+class BatchSummary:
+    captioned: int = 0                                          # dry run: captions that would be written
+    skipped: int = 0                                            # existing captions left alone
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (image path, reason)
+    changes: list[dict[str, Any]] = field(default_factory=list)  # dry run: what would be written
+    elapsed_s: float = 0.0
+    images_per_s: float = 0.0
+    interrupted: bool = False
+    previews: list[tuple[str, str]] = field(default_factory=list)  # (image path, caption), first ones
+    written: list[str] = field(default_factory=list)     # caption files and combined outputs written
+    backups: list[str] = field(default_factory=list)     # copies of replaced files
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (path, message), e.g. long captions
+    total: int = 0
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: tuples become [path, text] lists."""
+        return asdict(self)
+
+
+class Tracker:
+    """Counts, rate and ETA. The rate leaves out skipped images (they cost nothing)."""
+
+    def __init__(self, summary: BatchSummary, started: float):
+        self.summary = summary
+        self.started = started
+        self.loop_started: float | None = None
+        self.processed = 0  # images captioned or failed since the loop started
+        self.recent: list[tuple[str, str]] = []
+
+    def start_loop(self) -> None:
+        self.loop_started = time.perf_counter()
+
+    def rate(self) -> float:
+        if self.loop_started is None or not self.processed:
+            return 0.0
+        return self.processed / max(time.perf_counter() - self.loop_started, 1e-9)
+
+    def progress(self) -> Progress:
+        s = self.summary
+        done = s.captioned + s.skipped + len(s.failed)
+        rate = self.rate()
+        eta = (s.total - done) / rate if rate else (0.0 if done >= s.total else None)
+        return Progress(done, s.total, s.captioned, s.skipped, len(s.failed), time.perf_counter() - self.started,
+                        rate, eta, list(self.recent))
+
+    def finish(self) -> BatchSummary:
+        self.summary.elapsed_s = time.perf_counter() - self.started
+        self.summary.images_per_s = self.rate()
+        return self.summary

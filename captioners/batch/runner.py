@@ -1,0 +1,217 @@
+"""The batch run loop: plan, decode in workers, caption in batches, write, report.
+
+Every image ends up captioned, skipped (existing caption under the skip policy) or failed with a
+reason; nothing an image can do ends the run. ``should_stop`` is asked between batches, so a stopped
+run has written whole caption files only, and its combined outputs and report still get written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from captioners.base import Captioner
+from captioners.batch.discovery import Discovery, Planned, plan_images
+from captioners.batch.job import BatchJob, ExistingPolicy
+from captioners.batch.loading import ImageDataset, LoadedBatch, iter_batches, resolve_loader
+from captioners.batch.outputs import CombinedOutputs, Record
+from captioners.batch.report import PREVIEWS, RECENT, BatchSummary, Progress, Tracker
+from captioners.batch.shaping import clip_token_counter, shape_caption
+from captioners.batch.writing import (atomic_write, decide, has_caption, read_existing,
+                                      remove_stale_temp_files, write_caption)
+from captioners.errors import CaptionerError
+
+log = logging.getLogger(__name__)
+
+
+def plan_job(job: BatchJob) -> Discovery:
+    """The job's images and caption files; raises CaptionerError when there is nothing to caption."""
+    job.validate()
+    plan = plan_images(job.inputs, job.recursive, job.file_list, job.extension, job.output_dir)
+    if not plan.items and not plan.failed:
+        sources = ", ".join(job.inputs + ([f"file list {job.file_list}"] if job.file_list else [])) or "no inputs"
+        raise CaptionerError(f"No images found in {sources}" + ("" if job.recursive else
+                                                               " (use recursive to look into sub-folders)"))
+    return plan
+
+
+def run_batch(captioner: Captioner, job: BatchJob, on_progress: Callable[[Progress], None] | None = None,
+              should_stop: Callable[[], bool] | None = None, plan: Discovery | None = None) -> BatchSummary:
+    """Caption every image of ``job``; see the module docstring and README "Batch captioning"."""
+    run = _Run(captioner, job, plan or plan_job(job), on_progress, should_stop)
+    return run.execute()
+
+
+class _Run:
+    def __init__(self, captioner: Captioner, job: BatchJob, plan: Discovery,
+                 on_progress: Callable[[Progress], None] | None, should_stop: Callable[[], bool] | None):
+        self.captioner, self.job, self.plan = captioner, job, plan
+        self.on_progress, self.should_stop = on_progress, should_stop
+        self.summary = BatchSummary(total=len(plan.items) + len(plan.failed), dry_run=job.dry_run,
+                                    failed=list(plan.failed))
+        self.tracker = Tracker(self.summary, time.perf_counter())
+        self.outputs = CombinedOutputs(job.jsonl, job.csv, job.kohya_json, job.kohya_full_path,
+                                       captioner.spec.id, job.decoding.to_dict())
+        self.count_tokens: Callable[[str], int] | None = None  # made on first need (loading takes a moment)
+
+    def execute(self) -> BatchSummary:
+        if not self.job.dry_run:
+            for folder in sorted({item.caption_file.parent for item in self.plan.items}):
+                remove_stale_temp_files(folder)
+        todo = self._skip_captioned()
+        self._report()
+        try:
+            if todo and not self._stop_requested():
+                self._caption_all(todo)
+        finally:
+            self._write_outputs()
+        return self.tracker.finish()
+
+    # ---- planning --------------------------------------------------------------------------
+    def _skip_captioned(self) -> list[Planned]:
+        """Images left to caption; under skip, ones with a non-empty caption file are not even decoded."""
+        todo = []
+        for item in self.plan.items:
+            if self.job.existing == ExistingPolicy.SKIP and has_caption(item.caption_file):
+                self._skipped(item)
+            else:
+                todo.append(item)
+        return todo
+
+    def _skipped(self, item: Planned) -> None:
+        self.summary.skipped += 1
+        if self.outputs.enabled:
+            try:
+                text = read_existing(item.caption_file)[1] or ""
+            except (OSError, UnicodeDecodeError):
+                return
+            self.outputs.add(Record(item.index, item.image, item.caption_file, text.strip(), new=False))
+
+    # ---- captioning ------------------------------------------------------------------------
+    def _caption_all(self, todo: list[Planned]) -> None:
+        captioner, job = self.captioner, self.job
+        if not captioner.loaded:
+            captioner.load()
+        options = captioner.decoding_options(job.decoding)
+        self.outputs.options = options.to_dict()
+        min_side = captioner.image_size if job.fast_decode else None
+        dataset = ImageDataset([item.image for item in todo], captioner.preprocessor(), min_side)
+        pin = captioner.device is not None and captioner.device.type == "cuda"
+        self.tracker.start_loop()
+        loader = resolve_loader(job.loader, captioner.device)
+        batches = iter_batches(dataset, job.batch_size, job.workers, loader, pin_memory=pin)
+        try:
+            for batch in batches:
+                self._caption_batch(batch, todo, options)
+                self._report()
+                if self._stop_requested():
+                    self.summary.interrupted = True
+                    break
+        finally:
+            batches.close()
+
+    def _caption_batch(self, batch: LoadedBatch, todo: list[Planned], options) -> None:
+        for index, reason in batch.failed:
+            self._fail(todo[index], reason)
+        if batch.pixels is None:
+            return
+        try:
+            with torch.inference_mode():
+                captions = self.captioner.caption_pixels(batch.pixels, options)
+        except Exception as exc:  # e.g. out of memory: these images fail, the run goes on
+            log.warning("Captioning a batch failed: %s", exc)
+            for index in batch.indices:
+                self._fail(todo[index], f"captioning failed: {type(exc).__name__}: {exc}")
+            return
+        self.tracker.recent = []
+        for index, caption in zip(batch.indices, captions):
+            self._finish(todo[index], caption)
+        self.tracker.recent = self.tracker.recent[-RECENT:]
+
+    def _finish(self, item: Planned, raw: str) -> None:
+        """Shape the caption, apply the existing-caption policy and write (or, dry run, record)."""
+        job, summary = self.job, self.summary
+        text = shape_caption(raw, job.shaping)
+        try:
+            old_bytes, old = read_existing(item.caption_file)
+        except UnicodeDecodeError:
+            if job.existing in (ExistingPolicy.APPEND, ExistingPolicy.PREPEND):
+                self._fail(item, f"existing caption file {item.caption_file} is not UTF-8 text; "
+                                 "convert it to UTF-8 or use the overwrite policy")
+                return
+            old_bytes = item.caption_file.read_bytes()
+            old = old_bytes.decode("utf-8", errors="replace")
+        except OSError as exc:
+            self._fail(item, f"cannot read the existing caption file {item.caption_file}: {exc.strerror or exc}")
+            return
+        decision = decide(old, text, job.existing, job.separator, job.dedupe_tags)
+        if decision.action == "skip":  # a caption appeared since planning (e.g. another run)
+            self._skipped(item)
+            return
+        if job.dry_run:
+            summary.changes.append({"image": str(item.image), "caption_file": str(item.caption_file),
+                                    "action": decision.action, "old": decision.old, "new": decision.text})
+        elif decision.action != "unchanged":
+            try:
+                backup = write_caption(item.caption_file, decision.text, old_bytes, job.backup)
+            except OSError as exc:
+                self._fail(item, f"cannot write {item.caption_file}: {exc.strerror or exc}")
+                return
+            summary.written.append(str(item.caption_file))
+            if backup:
+                summary.backups.append(str(backup))
+        summary.captioned += 1
+        self.tracker.processed += 1
+        self._check_length(item, decision.text)
+        self.outputs.add(Record(item.index, item.image, item.caption_file, decision.text, new=True))
+        self.tracker.recent.append((str(item.image), decision.text))
+        if len(summary.previews) < PREVIEWS:
+            summary.previews.append((str(item.image), decision.text))
+
+    def _check_length(self, item: Planned, text: str) -> None:
+        limit = self.job.shaping.max_tokens
+        if not limit or len(text) <= limit:  # a CLIP token holds at least one character
+            return
+        if self.count_tokens is None:
+            self.count_tokens = clip_token_counter()
+        tokens = self.count_tokens(text)
+        if tokens > limit:
+            self.summary.warnings.append((str(item.caption_file), f"caption is {tokens} CLIP tokens, more than "
+                                          f"{limit}: the text encoder truncates the rest"))
+
+    def _fail(self, item: Planned, reason: str) -> None:
+        log.debug("Failed %s: %s", item.image, reason)
+        self.summary.failed.append((str(item.image), reason))
+        self.tracker.processed += 1
+
+    # ---- reporting -------------------------------------------------------------------------
+    def _report(self) -> None:
+        if self.on_progress:
+            self.on_progress(self.tracker.progress())
+
+    def _stop_requested(self) -> bool:
+        return bool(self.should_stop and self.should_stop())
+
+    def _write_outputs(self) -> None:
+        job, summary = self.job, self.summary
+        if job.dry_run:
+            summary.changes += [{"image": None, "caption_file": str(path), "action": "write", "old": None,
+                                 "new": f"{len(self.outputs.records)} captions"} for path in self.outputs.paths]
+            return
+        if self.outputs.enabled:
+            written, backups, warnings = self.outputs.write(job.backup)
+            summary.written += [str(p) for p in written]
+            summary.backups += [str(p) for p in backups]
+            summary.warnings += [(str(self.outputs.kohya), w) for w in warnings]
+        if job.report:
+            self.tracker.finish()
+            report = {"job": job.to_dict(), "model": self.captioner.spec.id, "summary": summary.to_dict()}
+            path = Path(job.report).expanduser()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, (json.dumps(report, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
+            summary.written.append(str(path))
