@@ -11,7 +11,6 @@ from PIL import Image
 from tests.test_api import client  # noqa: F401  (fixture)
 from tests.webui_host import TINY, webui  # noqa: F401  (fixture)
 
-pytest.importorskip("captioners.batch", reason="the batch engine (issue 4) is not on this branch yet")
 pytestmark = pytest.mark.parametrize("webui", ["a1111"], indirect=True)
 
 

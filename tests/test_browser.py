@@ -158,8 +158,6 @@ def start_batch(page, folder: Path, batch_size: int) -> None:
 def test_batch_shows_progress_and_summary_then_interrupts_a_second_one(page, photos, tmp_path):
     from playwright.sync_api import expect
 
-    pytest.importorskip("captioners.batch", reason="the batch engine (issue 4) is not on this branch yet")
-
     folder = tmp_path / "photos"
     folder.mkdir()
     for photo in photos:
