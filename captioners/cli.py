@@ -208,8 +208,14 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     add(sub)
 
 
+def add_ui_parser(sub: argparse._SubParsersAction) -> None:
+    from captioners.app import add_ui_parser as add
+
+    add(sub)
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_caption_parser, add_batch_parser,
-                                                                    add_info_parsers]
+                                                                    add_info_parsers, add_ui_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,8 +58,10 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     elif mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16/32-bit greyscale: scale to 8 bits instead of clipping everything to white.
-        image = image.point(lambda v: v / 256).convert("L") if mode.startswith("I;16") else image.convert("L")
+        # 16/32-bit greyscale: scale to 8 bits instead of clipping everything to white. Pillow < 10
+        # (A1111 and Forge ship 9.5) opens 16-bit PNGs as "I", so look at the values too.
+        sixteen_bit = mode.startswith("I;16") or (mode == "I" and (image.getextrema()[1] or 0) > 255)
+        image = image.point(lambda v: v / 256).convert("L") if sixteen_bit else image.convert("L")
     elif mode == "F":
         image = image.convert("L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "RGBa"):

@@ -125,7 +125,9 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
         return load_file(str(path))
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
+        # torch.serialization.load is torch.load itself; A1111 replaces the torch.load attribute with
+        # its own checker, which returns None for files newer torch writes (".format_version").
+        data = torch.serialization.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
             f"Refused to load {path}: it holds Python objects besides tensors, and unpickling them "

@@ -1,0 +1,180 @@
+"""REST routes under ``/captioners/v1``, mounted on the WebUI's FastAPI app (or the standalone app's).
+
+Every route goes through the :class:`CaptionService`, so it runs under the host's lock (in the
+WebUI: the queue lock shared with generations). Bad input is a 4xx with a one-line ``detail``:
+400 bad request data, 401 wrong credentials, 404 unknown model or missing folder, 409 model files
+missing. Only unexpected failures give 500, and then without a traceback.
+"""
+
+# No "from __future__ import annotations": FastAPI reads the route functions' annotations at run time.
+import base64
+import binascii
+import io
+import logging
+import secrets
+from typing import Any, Callable, Mapping
+
+from captioners.errors import CaptionerError, MissingWeightsError, UnknownModelError
+from captioners.service import CaptionService, InputNotFoundError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/captioners/v1"
+CAPTION_KEYS = {"image", "images", "model", "options"}
+
+
+def parse_credentials(api_auth: str | None) -> dict[str, str]:
+    """``user:password[,user2:password2]``, the WebUI's ``--api-auth`` format."""
+    credentials = {}
+    for item in (api_auth or "").split(","):
+        if item.strip():
+            user, sep, password = item.strip().partition(":")
+            if not sep:
+                raise CaptionerError("api-auth must be user:password[,user:password...]")
+            credentials[user] = password
+    return credentials
+
+
+def decode_image(data: Any, where: str):
+    """A base64 (or data-URL) string -> an RGB PIL image, or a 400 naming the bad item."""
+    from PIL import Image, UnidentifiedImageError
+
+    from captioners.images import to_rgb
+
+    if not isinstance(data, str) or not data:
+        raise CaptionerError(f"{where} must be a base64-encoded image string.")
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise CaptionerError(f"{where} is not valid base64: {exc}") from exc
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            image.load()
+            return to_rgb(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise CaptionerError(f"{where} is not an image Pillow can read ({exc}).") from exc
+
+
+def status_of(exc: BaseException) -> int:
+    if isinstance(exc, (UnknownModelError, InputNotFoundError)):
+        return 404
+    if isinstance(exc, MissingWeightsError):
+        return 409
+    if isinstance(exc, CaptionerError):
+        return 400
+    return 500
+
+
+class CaptionersApi:
+    """The route handlers; plain methods taking and returning JSON-able data."""
+
+    def __init__(self, service: CaptionService):
+        self.service = service
+
+    def models(self) -> dict[str, Any]:
+        settings = self.service.settings()
+        return {"models_dir": str(settings.models_dir), "default": settings.model,
+                "loaded": self.service.loaded_model(), "models": [row.to_dict() for row in self.service.model_rows()]}
+
+    def caption(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        payload = _object(payload)
+        unknown = sorted(set(payload) - CAPTION_KEYS)
+        if unknown:
+            raise CaptionerError(f"Unknown field(s) {', '.join(unknown)}; use {', '.join(sorted(CAPTION_KEYS))}.")
+        if ("image" in payload) == ("images" in payload):
+            raise CaptionerError("Give either 'image' (one base64 string) or 'images' (a list of them).")
+        items = [payload["image"]] if "image" in payload else payload["images"]
+        if not isinstance(items, list) or not items:
+            raise CaptionerError("'images' must be a non-empty list of base64 strings.")
+        images = [decode_image(item, f"images[{i}]" if "images" in payload else "image")
+                  for i, item in enumerate(items)]
+        options = payload.get("options")
+        if options is not None and not isinstance(options, dict):
+            raise CaptionerError("'options' must be an object of decoding options.")
+        model, captions = self.service.caption(images, _model(payload), options)
+        return {"model": model, "captions": captions}
+
+    def batch(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        job = dict(_object(payload))
+        model = _model(job)
+        job.pop("model", None)
+        summary = self.service.run_batch(job, model)
+        result = summary.to_dict()
+        result.setdefault("model", model or self.service.settings().model)
+        return result
+
+    def interrupt(self) -> dict[str, Any]:
+        return {"interrupted": self.service.interrupt()}
+
+    def unload(self) -> dict[str, Any]:
+        return {"unloaded": self.service.unload()}
+
+
+def _object(payload: Any) -> Mapping[str, Any]:
+    if not isinstance(payload, Mapping):
+        raise CaptionerError("The request body must be a JSON object.")
+    return payload
+
+
+def _model(payload: Mapping[str, Any]) -> str | None:
+    model = payload.get("model")
+    if model is not None and not isinstance(model, str):
+        raise CaptionerError("'model' must be a model id string.")
+    return model or None
+
+
+def mount(app: Any, service: CaptionService, api_auth: str | None = None) -> CaptionersApi:
+    """Add the routes to a FastAPI app, behind HTTP basic auth when ``api_auth`` is set."""
+    from fastapi import Body, Depends, HTTPException
+    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+    api = CaptionersApi(service)
+    credentials = parse_credentials(api_auth)
+    dependencies = []
+    if credentials:
+        def check(given: HTTPBasicCredentials = Depends(HTTPBasic())) -> None:
+            expected = credentials.get(given.username)
+            if expected is None or not secrets.compare_digest(given.password.encode(), expected.encode()):
+                raise HTTPException(401, "Incorrect username or password", headers={"WWW-Authenticate": "Basic"})
+
+        dependencies.append(Depends(check))
+
+    def guarded(handler: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:
+            try:
+                return handler(*args)
+            except HTTPException:
+                raise
+            except Exception as exc:
+                status = status_of(exc)
+                if status == 500:
+                    log.exception("Captioners API: unexpected error")
+                    raise HTTPException(500, f"{type(exc).__name__}: {exc} (details in the server log)") from exc
+                raise HTTPException(status, str(exc)) from exc
+        return run
+
+    # Plain (non-async) functions: FastAPI runs them in its thread pool, where waiting for the
+    # WebUI's queue lock does not block the server.
+    def models() -> Any:
+        return guarded(api.models)()
+
+    def caption(payload: Any = Body(...)) -> Any:
+        return guarded(api.caption)(payload)
+
+    def batch(payload: Any = Body(...)) -> Any:
+        return guarded(api.batch)(payload)
+
+    def interrupt() -> Any:
+        return guarded(api.interrupt)()
+
+    def unload() -> Any:
+        return guarded(api.unload)()
+
+    for path, endpoint, method in (("/models", models, "GET"), ("/caption", caption, "POST"),
+                                   ("/batch", batch, "POST"), ("/interrupt", interrupt, "POST"),
+                                   ("/unload", unload, "POST")):
+        app.add_api_route(PREFIX + path, endpoint, methods=[method], dependencies=dependencies,
+                          name=f"captioners_{endpoint.__name__}", tags=["Captioners"])
+    return api

@@ -1,0 +1,338 @@
+"""One captioning service behind the WebUI tab, the img2img button, the API and the standalone app.
+
+It keeps at most one captioner loaded and runs every job through a :class:`Host`, which is where
+the WebUI and the standalone app differ: the WebUI takes its queue lock (captioning never overlaps
+a generation), frees the SD model's VRAM, and shows progress in ``shared.state``; the standalone
+app only takes a plain lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+from PIL import Image
+
+from captioners.base import Captioner, ModelSpec
+from captioners.devices import free_memory, resolve_device
+from captioners.errors import CaptionerError
+from captioners.options import DecodingOptions
+
+log = logging.getLogger(__name__)
+
+AFTER_USE = ("keep", "offload", "unload")  # keep on its device | move to CPU RAM | free it
+
+
+class InputNotFoundError(CaptionerError):
+    """A folder or file named in a job does not exist."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    models_dir: Path
+    model: str
+    device: str = "auto"            # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"             # auto (fp16 on CUDA) | fp16 | bf16 | fp32
+    after_use: str = "keep"         # one of AFTER_USE
+    decoding: DecodingOptions = field(default_factory=DecodingOptions)
+
+
+@dataclass
+class FileRow:
+    path: str
+    present: bool
+    source: str
+
+
+@dataclass
+class ModelRow:
+    id: str
+    family: str
+    origin: str
+    description: str
+    files: list[FileRow]
+    loaded: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return all(f.present for f in self.files)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "family": self.family, "origin": self.origin, "description": self.description,
+                "ready": self.ready, "loaded": self.loaded, "files": [vars(f) for f in self.files]}
+
+
+class Host:
+    """The standalone host: a plain lock, no VRAM sharing. The WebUI adapter subclasses it."""
+
+    def __init__(self, settings: Callable[[], Settings]):
+        self._settings = settings
+        self._lock = threading.Lock()
+
+    def settings(self) -> Settings:
+        return self._settings()
+
+    def device(self, name: str) -> torch.device:
+        return resolve_device(name)
+
+    def dtype(self, name: str, device: torch.device) -> str:
+        return name
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """No other job runs meanwhile (the WebUI: no generation either)."""
+        with self._lock:
+            yield
+
+    @contextlib.contextmanager
+    def job(self, name: str, device: torch.device) -> Iterator[None]:
+        """Run one captioning job exclusively; the WebUI version also shares the GPU with the SD model."""
+        with self.exclusive():
+            yield
+
+    def report(self, done: int, total: int, text: str) -> None:
+        """Progress of the running job, for the host's own progress display."""
+
+    def stop_requested(self) -> bool:
+        """Whether the host asked every job to stop (the WebUI's Interrupt button)."""
+        return False
+
+
+class CaptionService:
+    def __init__(self, host: Host):
+        self.host = host
+        self._captioner: Captioner | None = None
+        self._state_lock = threading.RLock()  # guards _captioner and _stops
+        self._stops: set[threading.Event] = set()
+
+    # ---- models ---------------------------------------------------------------------------------
+    def settings(self) -> Settings:
+        return self.host.settings()
+
+    def model_specs(self) -> dict[str, ModelSpec]:
+        from captioners.registry import available_models
+
+        return available_models(self.settings().models_dir)
+
+    def model_rows(self) -> list[ModelRow]:
+        from captioners.registry import FAMILIES
+
+        models_dir = self.settings().models_dir
+        loaded = self.loaded_model()
+        rows = []
+        for spec in self.model_specs().values():
+            files = [FileRow(str(a.path(models_dir)), a.is_present(models_dir), a.source())
+                     for a in FAMILIES[spec.family].assets(spec)]
+            rows.append(ModelRow(spec.id, spec.family, spec.origin, spec.description, files, spec.id == loaded))
+        return rows
+
+    def loaded_model(self) -> str | None:
+        with self._state_lock:
+            captioner = self._captioner
+            return captioner.spec.id if captioner is not None and captioner.loaded else None
+
+    def spec(self, model: str | None = None) -> ModelSpec:
+        from captioners.registry import get_spec
+
+        settings = self.settings()
+        return get_spec(model or settings.model, settings.models_dir)
+
+    def download(self, model: str | None = None) -> Iterator[str]:
+        """Fetch a model's missing files, yielding a line per file (for a progress display)."""
+        from captioners.registry import FAMILIES
+        from captioners.weights import ensure_asset
+
+        spec = self.spec(model)
+        models_dir = self.settings().models_dir
+        assets = FAMILIES[spec.family].assets(spec)
+        for number, asset in enumerate(assets, 1):
+            where = asset.path(models_dir)
+            if asset.is_present(models_dir):
+                yield f"{number}/{len(assets)} present: {where}"
+                continue
+            yield f"{number}/{len(assets)} downloading {asset.source()} -> {where}"
+            ensure_asset(asset, models_dir)
+            yield f"{number}/{len(assets)} done: {where}"
+
+    # ---- captioning -----------------------------------------------------------------------------
+    def caption(self, images: Sequence[Image.Image], model: str | None = None,
+                options: DecodingOptions | Mapping[str, Any] | None = None) -> tuple[str, list[str]]:
+        """Caption PIL images with ``model`` (default: the Settings' model); returns (model id, captions)."""
+        if not images:
+            raise CaptionerError("No image given.")
+        settings = self.settings()
+        spec = self.spec(model)
+        decoding = _as_options(options).merged(settings.decoding)
+        device = self.host.device(settings.device)
+        with self.host.job("captioners", device):
+            with self._use(spec, settings, device) as captioner:
+                self.host.report(0, len(images), f"Captioning {len(images)} image(s) with {spec.id}")
+                captions = captioner.caption(list(images), decoding)
+                self.host.report(len(images), len(images), "")
+        return spec.id, captions
+
+    def run_batch(self, job: Any, model: str | None = None,
+                  on_progress: Callable[[Any], None] | None = None,
+                  stop: threading.Event | None = None) -> Any:
+        """Caption a folder job (a ``captioners.batch.BatchJob`` or its mapping); returns its summary."""
+        from captioners.batch import BatchJob, run_batch
+
+        if not isinstance(job, BatchJob):
+            job = BatchJob.from_mapping(job)
+        check_inputs([*job.inputs, *([job.file_list] if getattr(job, "file_list", None) else [])])
+        settings = self.settings()
+        spec = self.spec(model)
+        job = _with_default_decoding(job, settings.decoding)
+        device = self.host.device(settings.device)
+        stop = stop or threading.Event()
+        with self._state_lock:
+            self._stops.add(stop)
+
+        def progress(update: Any) -> None:
+            rate = f", {update.images_per_s:.2f} images/s" if update.images_per_s else ""
+            self.host.report(update.done, update.total, f"Captioning {update.done}/{update.total}{rate}")
+            if on_progress is not None:
+                on_progress(update)
+
+        try:
+            with self.host.job("captioners batch", device):
+                with self._use(spec, settings, device) as captioner:
+                    return run_batch(captioner, job, on_progress=progress,
+                                     should_stop=lambda: stop.is_set() or self.host.stop_requested())
+        finally:
+            with self._state_lock:
+                self._stops.discard(stop)
+
+    def interrupt(self) -> bool:
+        """Stop every running or queued batch at its next check; whether there was one."""
+        with self._state_lock:
+            for stop in self._stops:
+                stop.set()
+            return bool(self._stops)
+
+    def unload(self) -> str | None:
+        """Free the loaded model (under the host's lock, so never in the middle of a job)."""
+        with self.host.exclusive():
+            with self._state_lock:
+                captioner, self._captioner = self._captioner, None
+            if captioner is None or not captioner.loaded:
+                return None
+            captioner.unload()
+            log.info("Unloaded %s", captioner.spec.id)
+            return captioner.spec.id
+
+    # ---- internals ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _use(self, spec: ModelSpec, settings: Settings, device: torch.device) -> Iterator[Captioner]:
+        """The captioner for ``spec`` on ``device``; afterwards keep, offload or unload it per Settings.
+
+        Any exception (out of memory included) unloads it: a failed job must not leave VRAM held.
+        """
+        captioner = self._acquire(spec, settings, device)
+        try:
+            yield captioner
+        except BaseException:
+            self._drop()
+            raise
+        self._after_use(settings.after_use)
+
+    def _acquire(self, spec: ModelSpec, settings: Settings, device: torch.device) -> Captioner:
+        from captioners.registry import create_captioner
+
+        dtype = self.host.dtype(settings.dtype, device)
+        with self._state_lock:
+            captioner = self._captioner
+        if captioner is not None and captioner.spec != spec:
+            self._drop()
+            captioner = None
+        if captioner is None:
+            captioner = create_captioner(spec, settings.models_dir)
+        if captioner.loaded and captioner.device != device:
+            try:
+                captioner.to(device)  # back from an offload: much faster than reloading
+            except CaptionerError:
+                captioner.unload()
+        try:
+            captioner.load(device, dtype)
+        except BaseException:
+            with self._state_lock:
+                self._captioner = None
+            raise
+        with self._state_lock:
+            self._captioner = captioner
+        return captioner
+
+    def _after_use(self, after_use: str) -> None:
+        with self._state_lock:
+            captioner = self._captioner
+        if captioner is None or not captioner.loaded:
+            return
+        if after_use == "unload":
+            self._drop()
+        elif after_use == "offload" and captioner.device.type != "cpu":
+            try:
+                captioner.to("cpu")
+            except CaptionerError:  # a family that cannot move: free it instead
+                self._drop()
+
+    def _drop(self) -> None:
+        with self._state_lock:
+            captioner, self._captioner = self._captioner, None
+        if captioner is not None:
+            captioner.unload()
+        free_memory()
+
+
+class BatchHandle:
+    """A batch running in a background thread, polled by a UI (which must not block on it)."""
+
+    def __init__(self, service: CaptionService, job: Any, model: str | None = None):
+        self.progress: Any = None
+        self.summary: Any = None
+        self.error: BaseException | None = None
+        self.started = time.monotonic()
+        self.stop = threading.Event()
+        self.done = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(service, job, model), daemon=True,
+                                        name="captioners-batch")
+        self._thread.start()
+
+    def _run(self, service: CaptionService, job: Any, model: str | None) -> None:
+        try:
+            self.summary = service.run_batch(job, model, on_progress=self._on_progress, stop=self.stop)
+        except BaseException as exc:  # reported to the UI; never kills the server
+            if not isinstance(exc, CaptionerError):
+                log.exception("Batch failed")
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def _on_progress(self, progress: Any) -> None:
+        self.progress = progress
+
+
+def check_inputs(inputs: Sequence[Any]) -> None:
+    """Named folders and files must exist (glob patterns are left to the batch engine)."""
+    for item in inputs:
+        text = str(item)
+        if any(ch in text for ch in "*?["):
+            continue
+        if not Path(text).expanduser().exists():
+            raise InputNotFoundError(f"Input folder or file not found: {text}")
+
+
+def _as_options(options: DecodingOptions | Mapping[str, Any] | None) -> DecodingOptions:
+    return options if isinstance(options, DecodingOptions) else DecodingOptions.from_mapping(options)
+
+
+def _with_default_decoding(job: Any, defaults: DecodingOptions) -> Any:
+    from dataclasses import replace
+
+    decoding = getattr(job, "decoding", None) or DecodingOptions()
+    return replace(job, decoding=_as_options(decoding).merged(defaults))

@@ -1,0 +1,52 @@
+"""The few gradio differences the tab meets between 3.41 (A1111, reForge), 4.40 (Forge) and later.
+
+No ``.style()``, no ``Component.update`` (``gr.update`` works everywhere), no ``gr.Box``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+GRADIO_MAJOR = int(gr.__version__.split(".")[0])
+
+
+def js(code: str) -> dict[str, str]:
+    """The keyword for a client-side function on an event: ``_js`` in gradio 3, ``js`` from 4."""
+    return {"js": code} if GRADIO_MAJOR >= 4 else {"_js": code}
+
+
+def image_sources(*sources: str) -> dict[str, Any]:
+    """``source="upload"`` in gradio 3, ``sources=[...]`` from 4."""
+    return {"sources": list(sources)} if GRADIO_MAJOR >= 4 else {"source": sources[0]}
+
+
+def show_progress(on: bool) -> dict[str, Any]:
+    if GRADIO_MAJOR >= 4:
+        return {"show_progress": "full" if on else "hidden"}
+    return {"show_progress": on}
+
+
+def error(message: str) -> Exception:
+    """An error shown to the user in the page (a toast / modal), without a traceback."""
+    return gr.Error(message)
+
+
+def blocks_kwargs(title: str | None = None, css: str | None = None) -> dict[str, Any]:
+    """gr.Blocks(...) arguments; from gradio 6 the page's CSS goes to launch() instead."""
+    kwargs: dict[str, Any] = {"title": title} if title else {}
+    if css and GRADIO_MAJOR < 6:
+        kwargs["css"] = css
+    return kwargs
+
+
+def launch_kwargs(css: str | None = None) -> dict[str, Any]:
+    return {"css": css} if css and GRADIO_MAJOR >= 6 else {}
+
+
+def queue_kwargs(concurrency: int) -> dict[str, Any]:
+    """Let a batch's progress stream while a caption or an interrupt gets through."""
+    if GRADIO_MAJOR >= 4:
+        return {"default_concurrency_limit": concurrency}
+    return {"concurrency_count": concurrency}

@@ -1,0 +1,126 @@
+"""Controls shared by the tab's sections: model dropdowns, decoding options, error messages."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import gradio as gr
+
+from captioners.errors import CaptionerError
+from captioners.service import CaptionService
+from captioners.ui import render
+from captioners.ui.compat import error, show_progress
+
+log = logging.getLogger(__name__)
+
+DEFAULT = "model default"
+
+
+def user_error(exc: BaseException) -> Exception:
+    """A message for the page; unexpected errors are logged with their traceback."""
+    if isinstance(exc, CaptionerError):
+        return error(str(exc))
+    log.exception("Captioners: unexpected error")
+    return error(f"{type(exc).__name__}: {exc} (details in the console)")
+
+
+# ---- model dropdowns -------------------------------------------------------------------------------
+def model_choices(service: CaptionService) -> tuple[list[str], str | None]:
+    """Dropdown entries for every available model, and the entry of the Settings' default model."""
+    rows = service.model_rows()
+    labels = [render.model_label(row) for row in rows]
+    default = service.settings().model
+    chosen = next((label for row, label in zip(rows, labels) if row.id == default), labels[0] if labels else None)
+    return labels, chosen
+
+
+def refresh_models(service: CaptionService, current: str | None = None) -> tuple[Any, str]:
+    """New dropdown choices (keeping the current model when it still exists) and the models table."""
+    try:
+        rows = service.model_rows()
+        labels, default = model_choices(service)
+    except BaseException as exc:
+        raise user_error(exc) from None
+    by_id = {render.model_id(label): label for label in labels}
+    value = by_id.get(render.model_id(current), default)
+    table = render.models_table(rows, str(service.settings().models_dir))
+    return gr.update(choices=labels, value=value), table
+
+
+def model_dropdown(labels: list[str], default: str | None, elem_id: str) -> gr.Dropdown:
+    dropdown = gr.Dropdown(labels, value=default, label="Model", elem_id=elem_id)
+    # The default comes from Settings: keep the WebUI from freezing it in ui-config.json.
+    dropdown.do_not_save_to_config = True
+    return dropdown
+
+
+def model_row(service: CaptionService, labels: list[str], default: str | None, elem_id: str) -> gr.Dropdown:
+    """A model dropdown with a refresh button beside it."""
+    with gr.Row():
+        dropdown = model_dropdown(labels, default, elem_id)
+        refresh = gr.Button("🔄", elem_id=f"{elem_id}_refresh", elem_classes=["captioners-tool"])
+    refresh.click(lambda current: refresh_models(service, current)[0], inputs=[dropdown], outputs=[dropdown],
+                  **show_progress(False))
+    return dropdown
+
+
+# ---- decoding options ------------------------------------------------------------------------------
+class DecodingControls:
+    """A control per DecodingOptions field. Unset values (0, -1, "model default") fall back to the
+    defaults in Settings (in the WebUI), then to the model's own."""
+
+    def __init__(self, prefix: str):
+        with gr.Row():
+            self.strategy = gr.Radio([DEFAULT, "greedy", "beam", "sample"], value=DEFAULT, label="Strategy",
+                                     elem_id=f"{prefix}_strategy")
+            self.seed = gr.Number(value=-1, precision=0, label="Seed (-1: none)", elem_id=f"{prefix}_seed")
+        with gr.Row():
+            self.num_beams = gr.Slider(0, 16, value=0, step=1, label="Beams (0: default)")
+            self.max_new_tokens = gr.Slider(0, 200, value=0, step=1, label="Max new tokens (0: default)")
+            self.min_new_tokens = gr.Slider(0, 100, value=0, step=1, label="Min new tokens (0: default)")
+        with gr.Row():
+            self.temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0: default)")
+            self.top_p = gr.Slider(0, 1, value=0, step=0.01, label="Top-p (0: default)")
+            self.top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0: default)")
+            self.repetition_penalty = gr.Slider(0, 2, value=0, step=0.05, label="Repetition penalty (0: default)")
+        with gr.Row():
+            self.num_candidates = gr.Slider(0, 32, value=0, step=1,
+                                            label="Candidates per image, for re-ranking models (0: default)")
+            self.prompt = gr.Textbox(label="Prompt the caption continues, for prompted models (empty: default)")
+            self.keep_prompt = gr.Radio([DEFAULT, "keep", "drop"], value=DEFAULT, label="Prompt in the caption")
+            self.raw = gr.Checkbox(value=False, label="Raw caption (skip the model's clean-up)")
+
+    @property
+    def components(self) -> list[Any]:
+        return [self.strategy, self.seed, self.num_beams, self.max_new_tokens, self.min_new_tokens, self.temperature,
+                self.top_p, self.top_k, self.repetition_penalty, self.num_candidates, self.prompt, self.keep_prompt,
+                self.raw]
+
+
+def decoding_mapping(strategy=None, seed=None, num_beams=None, max_new_tokens=None, min_new_tokens=None,
+                     temperature=None, top_p=None, top_k=None, repetition_penalty=None, num_candidates=None,
+                     prompt=None, keep_prompt=None, raw=None) -> dict[str, Any]:
+    """The values of :class:`DecodingControls` as a DecodingOptions mapping, unset fields left out."""
+    def positive_int(value):
+        return int(value) if value and value > 0 else None
+
+    def positive_float(value):
+        return float(value) if value and value > 0 else None
+
+    values = {
+        "strategy": None if strategy in (None, DEFAULT) else strategy,
+        "seed": int(seed) if seed is not None and seed >= 0 else None,
+        "num_beams": positive_int(num_beams),
+        "max_new_tokens": positive_int(max_new_tokens),
+        "min_new_tokens": positive_int(min_new_tokens),
+        "temperature": positive_float(temperature),
+        "top_p": positive_float(top_p),
+        "top_k": positive_int(top_k),
+        "repetition_penalty": positive_float(repetition_penalty),
+        "num_candidates": positive_int(num_candidates),
+        "prompt": prompt or None,
+        "keep_prompt": {"keep": True, "drop": False}.get(keep_prompt),
+        "postprocess": False if raw else None,
+    }
+    return {k: v for k, v in values.items() if v is not None}

@@ -1,0 +1,130 @@
+"""The "Captioners" tab: Caption (one image), Batch (a folder) and Models.
+
+The same builder serves the WebUI tab and the standalone app; what only the WebUI has (send-to
+buttons) comes in through :class:`TabHooks`. Handlers are plain functions of the service so tests
+can call them without a browser.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from typing import Any, Iterator
+
+import gradio as gr
+
+from captioners.errors import CaptionerError
+from captioners.service import CaptionService
+from captioners.ui import render
+from captioners.ui.batch_tab import batch_section
+from captioners.ui.compat import blocks_kwargs, image_sources, show_progress
+from captioners.ui.controls import DecodingControls, decoding_mapping, model_choices, model_dropdown, model_row, \
+    refresh_models, user_error
+from captioners.ui.local_paths import local_paths_section
+
+log = logging.getLogger(__name__)
+
+
+class TabHooks:
+    """Host-specific additions to the tab; the standalone app uses these defaults."""
+
+    def send_buttons(self, image: Any, caption: Any) -> None:
+        """Add "Send to txt2img / img2img / inpaint" buttons (the WebUI only)."""
+
+
+# ---- handlers (plain functions: the tests call them directly) -------------------------------------
+def caption_image(service: CaptionService, image: Any, model_label: str | None, *decoding: Any) -> tuple[Any, str]:
+    """Caption button: (caption, status line). A user error goes to the status line, and the caption
+    being edited stays as it is."""
+    if image is None:
+        return gr.update(), "Upload an image first."
+    started = time.perf_counter()
+    try:
+        model, captions = service.caption([image], render.model_id(model_label), decoding_mapping(*decoding))
+    except CaptionerError as exc:
+        return gr.update(), f"Error: {exc}"
+    except BaseException as exc:
+        raise user_error(exc) from None
+    return captions[0], f"{model} · {time.perf_counter() - started:.2f} s"
+
+
+def download_model(service: CaptionService, model_label: str | None) -> Iterator[str]:
+    """Download button: a growing log, one line per file."""
+    lines: list[str] = []
+    try:
+        for line in service.download(render.model_id(model_label)):
+            lines.append(line)
+            yield "\n".join(lines)
+        lines.append("All files present.")
+    except BaseException as exc:
+        if not isinstance(exc, CaptionerError):
+            log.exception("Captioners: download failed")
+        lines.append(f"Failed: {exc}")
+    yield "\n".join(lines)
+
+
+def unload_model(service: CaptionService) -> str:
+    try:
+        unloaded = service.unload()
+    except BaseException as exc:
+        raise user_error(exc) from None
+    return f"Unloaded {unloaded}." if unloaded else "No model was loaded."
+
+
+def refresh_all(service: CaptionService, current: str | None, *others: str | None) -> list[Any]:
+    """The Models section's dropdown and table, and the other sections' dropdowns."""
+    update, table = refresh_models(service, current)
+    return [update, table, *(refresh_models(service, other)[0] for other in others)]
+
+
+# ---- layout ---------------------------------------------------------------------------------------
+def build_tab(service: CaptionService, hooks: TabHooks | None = None, title: str | None = None,
+              css: str | None = None) -> gr.Blocks:
+    """The tab's Blocks; the WebUI renders it as a tab, the standalone app launches it (with a page
+    title and the extension's CSS, which the WebUI loads from style.css by itself)."""
+    hooks = hooks or TabHooks()
+    labels, default = model_choices(service)
+    with gr.Blocks(analytics_enabled=False, **blocks_kwargs(title, css)) as tab:
+        with gr.Tabs(elem_id="captioners_tabs"):
+            with gr.Tab("Caption", elem_id="captioners_tab_caption"):
+                caption_dropdown = _caption_section(service, hooks, labels, default)
+            with gr.Tab("Batch", elem_id="captioners_tab_batch"):
+                batch_dropdown = batch_section(service, labels, default, model_row)
+            with gr.Tab("Models", elem_id="captioners_tab_models"):
+                _models_section(service, labels, default, [caption_dropdown, batch_dropdown])
+    return tab
+
+
+def _caption_section(service: CaptionService, hooks: TabHooks, labels: list[str], default: str | None) -> Any:
+    with gr.Row(equal_height=False):
+        with gr.Column():
+            image = gr.Image(type="pil", label="Image", elem_id="captioners_image", **image_sources("upload"))
+            dropdown = model_row(service, labels, default, "captioners_model")
+            with gr.Accordion("Decoding options", open=False, elem_id="captioners_decoding"):
+                decoding = DecodingControls("captioners")
+            button = gr.Button("Caption", variant="primary", elem_id="captioners_caption_button")
+        with gr.Column():
+            caption = gr.Textbox(label="Caption (editable)", lines=4, interactive=True, elem_id="captioners_caption")
+            status = gr.Textbox(label="Status", interactive=False, elem_id="captioners_status")
+            hooks.send_buttons(image, caption)
+    button.click(partial(caption_image, service), inputs=[image, dropdown, *decoding.components],
+                 outputs=[caption, status])
+    return dropdown
+
+
+def _models_section(service: CaptionService, labels: list[str], default: str | None, others: list[Any]) -> None:
+    rows = service.model_rows()
+    table = gr.HTML(render.models_table(rows, str(service.settings().models_dir)), elem_id="captioners_models_table")
+    with gr.Row():
+        dropdown = model_dropdown(labels, default, "captioners_models_model")
+        refresh = gr.Button("🔄 Refresh", elem_id="captioners_models_refresh")
+        download = gr.Button("Download missing files", elem_id="captioners_download")
+        unload = gr.Button("Unload model", elem_id="captioners_unload")
+    log_box = gr.Textbox(label="Log", lines=3, interactive=False, elem_id="captioners_models_log")
+    local_paths_section(service, dropdown, log_box)
+
+    refresh_args = dict(fn=partial(refresh_all, service), inputs=[dropdown, *others], outputs=[dropdown, table, *others])
+    refresh.click(**refresh_args, **show_progress(False))
+    download.click(partial(download_model, service), inputs=[dropdown], outputs=[log_box]).then(**refresh_args)
+    unload.click(partial(unload_model, service), outputs=[log_box]).then(**refresh_args)

@@ -1,0 +1,117 @@
+"""The "Captioners" section of the WebUI's Settings, and reading it back as service Settings.
+
+Every option names its section and, where the default is not a str/int/bool, its component:
+the WebUI's settings page refuses floats and lists without one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import gradio as gr
+
+from captioners.cli import DEFAULT_MODEL
+from captioners.options import DecodingOptions
+from captioners.service import AFTER_USE, Settings
+
+SECTION = ("captioners", "Captioners")
+CATEGORY = "postprocessing"  # the Settings page groups sections by category
+PROMPT_MODES = ("replace", "append", "prepend")
+STRATEGY_DEFAULT = "model default"
+
+
+
+def device_choices() -> list[str]:
+    import torch
+
+    choices = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        choices += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        choices.append("mps")
+    return choices
+
+
+def options(shared: Any, model_ids: Callable[[], list[str]]) -> dict[str, Any]:
+    """key -> OptionInfo, built with the host's ``shared.OptionInfo``."""
+    info = shared.OptionInfo
+    radio, slider = gr.Radio, gr.Slider
+    return {
+        "captioners_model": info(
+            DEFAULT_MODEL, "Model for the img2img caption button and the API", gr.Dropdown,
+            lambda: {"choices": model_ids()}, refresh=model_ids),
+        "captioners_device": info(
+            "auto", "Device", gr.Dropdown, lambda: {"choices": device_choices()},
+        ).info("auto: the WebUI's interrogate device (follows --use-cpu)"),
+        "captioners_dtype": info(
+            "auto", "Precision", radio, {"choices": ["auto", "fp16", "bf16", "fp32"]},
+        ).info("auto: fp16 on a GPU unless --no-half, fp32 on the CPU"),
+        "captioners_after_use": info(
+            "offload", "After captioning", radio, {"choices": list(AFTER_USE)},
+        ).info("keep the model where it is; offload it to CPU RAM (frees VRAM, reloads fast); or unload it"),
+        "captioners_free_sd_vram": info(
+            True, "Free the SD model's VRAM before captioning on a GPU",
+        ).info("moves the SD model to CPU RAM while captioning; it comes back for the next generation"),
+        "captioners_prompt_mode": info(
+            "replace", "img2img caption button writes the caption", radio, {"choices": list(PROMPT_MODES)},
+        ).info("replace the prompt, append to it, or prepend to it"),
+        "captioners_models_dir": info(
+            "", "Models folder",
+        ).info("empty: <WebUI models folder>/Captioners"),
+        "captioners_strategy": info(
+            STRATEGY_DEFAULT, "Default decoding strategy", radio,
+            {"choices": [STRATEGY_DEFAULT, "greedy", "beam", "sample"]}),
+        "captioners_num_beams": info(0, "Default beams (0: the model's)", slider,
+                                     {"minimum": 0, "maximum": 16, "step": 1}),
+        "captioners_max_new_tokens": info(0, "Default max new tokens (0: the model's)", slider,
+                                          {"minimum": 0, "maximum": 200, "step": 1}),
+        "captioners_temperature": info(0.0, "Default temperature (0: the model's)", slider,
+                                       {"minimum": 0.0, "maximum": 2.0, "step": 0.05}),
+        "captioners_top_p": info(0.0, "Default top-p (0: the model's)", slider,
+                                 {"minimum": 0.0, "maximum": 1.0, "step": 0.01}),
+        "captioners_seed": info(-1, "Default seed for sampling (-1: none)", gr.Number, {"precision": 0}),
+    }
+
+
+def register(shared: Any, model_ids: Callable[[], list[str]]) -> None:
+    for key, option in options(shared, model_ids).items():
+        option.section = SECTION
+        if hasattr(option, "category_id"):  # A1111 >= 1.7, Forge, reForge group sections by category
+            option.category_id = CATEGORY
+        shared.opts.add_option(key, option)
+
+
+def read(opts: Any, models_path: str) -> Settings:
+    """The current Settings values (read at every use: changes apply without a restart)."""
+    def number(key: str, cast: type, default: Any) -> Any:
+        value = getattr(opts, key, default)
+        try:
+            return cast(value)
+        except (TypeError, ValueError):
+            return default
+
+    strategy = getattr(opts, "captioners_strategy", STRATEGY_DEFAULT)
+    decoding = DecodingOptions(
+        strategy=None if strategy in (None, "", STRATEGY_DEFAULT) else strategy,
+        num_beams=number("captioners_num_beams", int, 0) or None,
+        max_new_tokens=number("captioners_max_new_tokens", int, 0) or None,
+        temperature=number("captioners_temperature", float, 0.0) or None,
+        top_p=number("captioners_top_p", float, 0.0) or None,
+        seed=_seed(number("captioners_seed", int, -1)),
+    )
+    folder = getattr(opts, "captioners_models_dir", "") or os.path.join(models_path, "Captioners")
+    after_use = getattr(opts, "captioners_after_use", "offload")
+    return Settings(
+        models_dir=Path(folder).expanduser(),
+        model=getattr(opts, "captioners_model", DEFAULT_MODEL) or DEFAULT_MODEL,
+        device=getattr(opts, "captioners_device", "auto") or "auto",
+        dtype=getattr(opts, "captioners_dtype", "auto") or "auto",
+        after_use=after_use if after_use in AFTER_USE else "offload",
+        decoding=decoding,
+    )
+
+
+def _seed(value: int) -> int | None:
+    return value if value >= 0 else None

@@ -1,0 +1,21 @@
+"""Run by the WebUI at start-up (``python install.py`` with the WebUI root on PYTHONPATH).
+
+Installs only what is missing. It never pins or upgrades the WebUI's own packages (torch,
+transformers, gradio, protobuf, numpy, Pillow): those belong to the host, and this extension works
+with the versions A1111 (transformers 4.30.2, gradio 3.41.2) and Forge (4.46.1, 4.40.0) ship.
+A plain ``pip install`` of a missing package leaves already-satisfied dependencies alone.
+"""
+
+import launch
+
+# importable module -> what to install when it is absent (all three are in A1111's and Forge's own
+# requirements, so this normally installs nothing)
+NEEDED = {
+    "open_clip": "open_clip_torch>=2.20",
+    "safetensors": "safetensors>=0.3",
+    "huggingface_hub": "huggingface_hub>=0.14",
+}
+
+for module, requirement in NEEDED.items():
+    if not launch.is_installed(module):
+        launch.run_pip(f'install "{requirement}"', f"{requirement} for sd-webui-captioners")

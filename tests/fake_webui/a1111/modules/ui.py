@@ -1,0 +1,36 @@
+"""The part of modules/ui.py's img2img tab the extension hooks into, in the WebUI's creation order:
+prompt, the tools row with 📎 📦, the five image sub-tabs in ``mode_img2img``, then Batch.
+In Forge the first four images are ForgeCanvas objects."""
+
+import gradio as gr
+
+from modules.ui_components import ToolButton
+
+GRADIO3 = int(gr.__version__.split(".")[0]) < 4
+
+
+def image(elem_id, sketch=False):
+    extra = {"tool": "sketch"} if sketch and GRADIO3 else {}
+    return gr.Image(label="Image for img2img", type="pil", image_mode="RGBA", elem_id=elem_id, **extra)
+
+
+def create_img2img(forge=False):
+    """Returns (blocks, components by name)."""
+    if forge:
+        from modules_forge.forge_canvas.canvas import ForgeCanvas
+    made = {}
+    with gr.Blocks(analytics_enabled=False) as demo:
+        made["prompt"] = gr.Textbox(label="Prompt", elem_id="img2img_prompt", lines=3)
+        with gr.Row(elem_id="img2img_tools"):
+            made["interrogate"] = ToolButton("📎", elem_id="interrogate", tooltip="Interrogate CLIP")
+            made["deepbooru"] = ToolButton("📦", elem_id="deepbooru", tooltip="Interrogate DeepBooru")
+        with gr.Tabs(elem_id="mode_img2img"):
+            for name, elem_id, sketch in (("img2img", "img2img_image", False), ("sketch", "img2img_sketch", False),
+                                          ("inpaint", "img2maskimg", True), ("inpaint_sketch", "inpaint_sketch", False)):
+                with gr.TabItem(name):
+                    made[name] = ForgeCanvas(elem_id=elem_id) if forge else image(elem_id, sketch)
+            with gr.TabItem("inpaint upload"):
+                made["inpaint_upload"] = image("img_inpaint_base")
+            with gr.TabItem("batch"):
+                made["batch_input_dir"] = gr.Textbox(label="Input directory", elem_id="img2img_batch_input_dir")
+    return demo, made

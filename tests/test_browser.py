@@ -1,0 +1,184 @@
+"""The standalone app in a real browser: Playwright drives Debian's chromium (no browser download).
+
+``python -m captioners ui`` runs in a subprocess on a free loopback port with the tiny model; the
+page may not reach anything else (requests to other hosts are aborted).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from captioners.service import CaptionService, Host, Settings
+from tests.webui_host import TINY, write_tiny_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("CAPTIONERS_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--headless=new", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+TIMEOUT_MS = 120_000  # two shared CPU cores: be patient
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory, icg_checkpoint, clip_overrides) -> Path:
+    return write_tiny_preset(tmp_path_factory.mktemp("browser") / "models", icg_checkpoint.path, clip_overrides)
+
+
+@pytest.fixture(scope="module")
+def app_url(models_dir, tmp_path_factory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("app-log") / "app.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "PYTHONPATH": str(ROOT)}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "captioners", "ui", "--models-dir", str(models_dir), "--model", TINY,
+             "--device", "cpu", "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"the app did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+    yield url
+    process.terminate()
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    assert "Traceback" not in log_path.read_text(), log_path.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        message = f"{CHROMIUM} not found (apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI installs it: never pass by skipping there
+        pytest.skip(message)
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=TIMEOUT_MS)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def page(browser, app_url):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(app_url)
+               else route.abort())
+    page.goto(app_url)
+    page.wait_for_selector("#captioners_caption_button")
+    yield page
+    context.close()
+
+
+def open_tab(page, name: str) -> None:
+    """A sub-tab of the Captioners tab: a button in gradio 3; role=tab later (gradio 6 also keeps
+    hidden copies of the buttons for its overflow menu)."""
+    from captioners.ui.compat import GRADIO_MAJOR
+
+    button = "[role=tab]" if GRADIO_MAJOR >= 4 else ".tab-nav > button"
+    page.locator(f"#captioners_tabs {button}:has-text('{name}')").first.click()
+
+
+def test_upload_caption_edit(page, models_dir, photos):
+    from playwright.sync_api import expect
+
+    settings = Settings(models_dir=models_dir, model=TINY, device="cpu")
+    expected = CaptionService(Host(lambda: settings)).caption([Image.open(photos[0])])[1][0]
+    page.set_input_files("#captioners_image input[type=file]", str(photos[0]))
+    page.wait_for_selector("#captioners_image img")
+    page.click("#captioners_caption_button")
+    caption = page.locator("#captioners_caption textarea")
+    expect(caption).to_have_value(expected)
+    expect(page.locator("#captioners_status textarea")).to_have_value(re.compile(rf"^{TINY} · [0-9.]+ s$"))
+    caption.fill("a dog on the beach, my trigger word")
+    caption.press("Tab")
+    expect(caption).to_have_value("a dog on the beach, my trigger word")
+
+
+def test_models_tab_lists_files(page):
+    from playwright.sync_api import expect
+
+    open_tab(page, "Models")
+    table = page.locator("#captioners_models_table").first
+    expect(table).to_contain_text(TINY)
+    expect(table).to_contain_text("coco_weights.pt")
+    log = page.locator("#captioners_models_log textarea")
+    page.click("#captioners_unload")
+    expect(log).to_have_value(re.compile(rf"^(Unloaded {TINY}\.|No model was loaded\.)$"))
+    page.click("#captioners_unload")
+    expect(log).to_have_value("No model was loaded.")
+
+
+def make_images(folder: Path, count: int, size: int = 48) -> Path:
+    """Small distinct PNGs (fast to write and to caption)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.new("RGB", (size, size), ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256)).save(folder / f"{i:04d}.png")
+    return folder
+
+
+def start_batch(page, folder: Path, batch_size: int) -> None:
+    open_tab(page, "Batch")
+    page.fill("#captioners_batch_inputs textarea", str(folder))
+    size = page.locator("#captioners_batch_size input[type=number]").first
+    size.fill(str(batch_size))
+    size.press("Enter")
+    page.click("#captioners_batch_start")
+
+
+def test_batch_shows_progress_and_summary_then_interrupts_a_second_one(page, photos, tmp_path):
+    from playwright.sync_api import expect
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for photo in photos:
+        (folder / photo.name).write_bytes(photo.read_bytes())
+    start_batch(page, folder, 4)
+    summary = page.locator("#captioners_batch_summary").first
+    expect(summary).to_contain_text("Batch finished")
+    expect(summary).to_contain_text(f"captioned {len(photos)}, skipped 0, failed 0")
+    progress = page.locator("#captioners_batch_progress").first
+    expect(progress).to_contain_text(f"{len(photos)}/{len(photos)}")
+    expect(progress).to_contain_text("images/s")
+    expect(page.locator("#captioners_batch_previews").first).to_contain_text(photos[0].name)
+    expect(page.locator("#captioners_batch_failures").first).to_contain_text("No failures.")
+    assert sorted(p.stem for p in folder.glob("*.txt")) == sorted(p.stem for p in photos)
+
+    big = make_images(tmp_path / "big", 600)
+    start_batch(page, big, 1)
+    expect(progress).to_have_text(re.compile(r".*\b([1-9]\d*)/600\b.*"))  # under way, not done
+    page.click("#captioners_batch_interrupt")
+    expect(page.locator("#captioners_batch_notice").first).to_contain_text("Interrupt requested")
+    expect(summary).to_contain_text("Batch interrupted")
+    written = len(list(big.glob("*.txt")))
+    assert 0 < written < 600
+    assert not list(big.glob("*.tmp*")), "an interrupted run leaves no partial files"
