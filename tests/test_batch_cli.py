@@ -169,6 +169,21 @@ def test_killed_and_interrupted_runs_resume_to_every_image_captioned_once(tiny_a
     assert sorted(Path(r["path"]).name for r in records) == sorted(p.name for p in images)
 
 
+def test_first_signal_asks_to_stop_a_second_ctrl_c_stops_at_once():
+    from captioners.batch.command import StopOnSignal
+
+    previous = signal.getsignal(signal.SIGINT)
+    with StopOnSignal() as stop:
+        assert not stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
 # ---- in-process command line -------------------------------------------------------------------------
 def test_cli_dry_run_prints_changes_and_writes_nothing(tiny_args, photos, tmp_path, capsys):
     images = copy_photos(photos, tmp_path / "set", 3)

@@ -127,11 +127,13 @@ def test_output_dir_mirrors_the_input_tree(captioner, corpus, tmp_path):
 
 def test_files_globs_and_file_lists(captioner, photos, tmp_path):
     images = copy_photos(photos, tmp_path / "a" / "b", 4)
-    (tmp_path / "list.txt").write_text(f"# my picks\na/b/{images[2].name}\n{images[3]}\n", encoding="utf-8")
+    (tmp_path / "list.txt").write_text(f"# my picks\na/b/{images[2].name}\n{images[3]}\ngone.jpg\nnotes.md\n",
+                                       encoding="utf-8")
     job = BatchJob(inputs=[str(images[0]), str(tmp_path / "a" / "**" / "img_001.jpg")],
                    file_list=str(tmp_path / "list.txt"), output_dir=str(tmp_path / "out"))
     summary = run_batch(captioner, job)
     assert summary.captioned == 4
+    assert summary.failed == [(str(tmp_path / "gone.jpg"), "file not found")]
     assert sorted(p.name for p in (tmp_path / "out").rglob("*.txt")) == [f"img_00{i}.txt" for i in range(4)]
     assert (tmp_path / "out" / "b" / "img_001.txt").is_file()  # glob: mirrored below the fixed part
 

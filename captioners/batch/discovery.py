@@ -112,8 +112,8 @@ def _read_file_list(path: Path) -> Iterator[Found]:
             continue
         image = Path(line).expanduser()
         image = image if image.is_absolute() else path.parent / image
-        if is_image_path(image) or not image.exists():
-            yield Found(image, image.parent)  # a missing file is reported when it fails to open
+        if is_image_path(image):  # a missing image is reported when it fails to open
+            yield Found(image, image.parent)
 
 
 def caption_path(found: Found, extension: str, output_dir: Path | None) -> Path:
