@@ -121,6 +121,7 @@ def wait_for_captions(process: subprocess.Popen, folder: Path, count: int) -> No
         time.sleep(0.005)
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals and process groups")
 def test_killed_and_interrupted_runs_resume_to_every_image_captioned_once(tiny_args, captioner, photos, tmp_path,
                                                                          capsys):
     folder = tmp_path / "set"
@@ -169,6 +170,7 @@ def test_killed_and_interrupted_runs_resume_to_every_image_captioned_once(tiny_a
     assert sorted(Path(r["path"]).name for r in records) == sorted(p.name for p in images)
 
 
+@pytest.mark.skipif(os.name != "posix", reason="on Windows os.kill terminates the process")
 def test_first_signal_asks_to_stop_a_second_ctrl_c_stops_at_once():
     from captioners.batch.command import StopOnSignal
 

@@ -247,6 +247,20 @@ def test_combined_outputs_and_kohya_merge(captioner, captioned_folder, tmp_path)
     assert str(metadata) in summary.written
 
 
+def test_kohya_keys_are_stems_or_full_paths(captioner, photos, tmp_path):
+    copy_photos(photos, tmp_path / "set" / "a", 2)
+    copy_photos(photos[1:], tmp_path / "set" / "b", 1)  # b/img_000.jpg: the same stem as a/img_000.jpg
+    metadata = tmp_path / "meta.json"
+    summary = run_batch(captioner, BatchJob(inputs=[str(tmp_path / "set")], recursive=True, kohya_json=str(metadata)))
+    assert sorted(json.loads(metadata.read_text())) == ["img_000", "img_001"]
+    assert len(summary.warnings) == 1 and "'img_000' is shared by" in summary.warnings[0][1]
+    run_batch(captioner, BatchJob(inputs=[str(tmp_path / "set")], recursive=True, kohya_json=str(metadata),
+                                  kohya_full_path=True))
+    keys = set(json.loads(metadata.read_text()))
+    assert {str((tmp_path / "set" / d / "img_000.jpg").resolve()) for d in "ab"} <= keys
+    assert {"img_000", "img_001"} <= keys  # the earlier entries are kept
+
+
 def test_unreadable_kohya_metadata_stops_the_run_before_it_starts(captioner, captioned_folder, tmp_path):
     folder, _ = captioned_folder
     (tmp_path / "meta.json").write_text("{not json")
