@@ -78,10 +78,13 @@ def batch_cli_runs(*runs: list[str], **kwargs) -> list[tuple[int, str]]:
 
 def test_odd_corpus_unreadable_file_and_read_only_output_folder(tiny_args, photos, tmp_path):
     corpus = make_corpus(tmp_path / "dataset")
+    locked = corpus.root / "sub" / "locked"
+    copy_photos(photos, locked, 1)
     copy_photos(photos, tmp_path / "in", 3)
     read_only = tmp_path / "ro"
     read_only.mkdir()
     read_only.chmod(0o555)
+    locked.chmod(0)
     try:
         (code, out), (ro_code, ro_out) = batch_cli_runs(
             [str(corpus.root), "-r", "--batch-size", "4", "--report", str(tmp_path / "report.json"), *tiny_args],
@@ -89,17 +92,19 @@ def test_odd_corpus_unreadable_file_and_read_only_output_folder(tiny_args, photo
             **file_modes_apply_kwargs())
     finally:
         read_only.chmod(0o755)
+        locked.chmod(0o755)
 
     assert code == 0, out
     report = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
     failed = dict(map(tuple, report["summary"]["failed"]))
     assert "permission denied" in failed.pop(str(corpus.unreadable))
+    assert failed.pop(str(locked)) == "folder not readable: Permission denied"
     assert {Path(p) for p in failed} == set(corpus.failing)
     assert report["summary"]["captioned"] == len(corpus.captioned)
     assert all(image.with_suffix(".txt").read_text(encoding="utf-8") for image in corpus.captioned)
     first = out.splitlines()[0]
     assert first.startswith(f"captioned {len(corpus.captioned)}, skipped 0 (caption exists), "
-                            f"failed {len(corpus.failing) + 1} of") and "images/s" in first
+                            f"failed {len(corpus.failing) + 2} of") and "images/s" in first
     assert f"{corpus.unreadable}: permission denied" in out
     assert "unicode café 日本語 🐱.jpg" not in out and "notes.md" not in out
 

@@ -133,7 +133,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         print_summary(summary)
     if summary.interrupted:
         return 130
-    every_image_failed = summary.failed and not summary.captioned and not summary.skipped
+    every_image_failed = bool(summary.failed) and not summary.captioned and not summary.skipped
     return 1 if every_image_failed else 0
 
 
