@@ -78,10 +78,13 @@ def batch_cli_runs(*runs: list[str], **kwargs) -> list[tuple[int, str]]:
 
 def test_odd_corpus_unreadable_file_and_read_only_output_folder(tiny_args, photos, tmp_path):
     corpus = make_corpus(tmp_path / "dataset")
+    locked = corpus.root / "sub" / "locked"
+    copy_photos(photos, locked, 1)
     copy_photos(photos, tmp_path / "in", 3)
     read_only = tmp_path / "ro"
     read_only.mkdir()
     read_only.chmod(0o555)
+    locked.chmod(0)
     try:
         (code, out), (ro_code, ro_out) = batch_cli_runs(
             [str(corpus.root), "-r", "--batch-size", "4", "--report", str(tmp_path / "report.json"), *tiny_args],
@@ -89,17 +92,19 @@ def test_odd_corpus_unreadable_file_and_read_only_output_folder(tiny_args, photo
             **file_modes_apply_kwargs())
     finally:
         read_only.chmod(0o755)
+        locked.chmod(0o755)
 
     assert code == 0, out
     report = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
     failed = dict(map(tuple, report["summary"]["failed"]))
     assert "permission denied" in failed.pop(str(corpus.unreadable))
+    assert failed.pop(str(locked)) == "folder not readable: Permission denied"
     assert {Path(p) for p in failed} == set(corpus.failing)
     assert report["summary"]["captioned"] == len(corpus.captioned)
     assert all(image.with_suffix(".txt").read_text(encoding="utf-8") for image in corpus.captioned)
     first = out.splitlines()[0]
     assert first.startswith(f"captioned {len(corpus.captioned)}, skipped 0 (caption exists), "
-                            f"failed {len(corpus.failing) + 1} of") and "images/s" in first
+                            f"failed {len(corpus.failing) + 2} of") and "images/s" in first
     assert f"{corpus.unreadable}: permission denied" in out
     assert "unicode café 日本語 🐱.jpg" not in out and "notes.md" not in out
 
@@ -121,6 +126,7 @@ def wait_for_captions(process: subprocess.Popen, folder: Path, count: int) -> No
         time.sleep(0.005)
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals and process groups")
 def test_killed_and_interrupted_runs_resume_to_every_image_captioned_once(tiny_args, captioner, photos, tmp_path,
                                                                          capsys):
     folder = tmp_path / "set"
@@ -167,6 +173,22 @@ def test_killed_and_interrupted_runs_resume_to_every_image_captioned_once(tiny_a
     assert not temp_files(folder) and not list(folder.glob("*.bak*"))
     records = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text(encoding="utf-8").splitlines()]
     assert sorted(Path(r["path"]).name for r in records) == sorted(p.name for p in images)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="on Windows os.kill terminates the process")
+def test_first_signal_asks_to_stop_a_second_ctrl_c_stops_at_once():
+    from captioners.batch.command import StopOnSignal
+
+    previous = signal.getsignal(signal.SIGINT)
+    with StopOnSignal() as stop:
+        assert not stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is previous
 
 
 # ---- in-process command line -------------------------------------------------------------------------

@@ -127,11 +127,13 @@ def test_output_dir_mirrors_the_input_tree(captioner, corpus, tmp_path):
 
 def test_files_globs_and_file_lists(captioner, photos, tmp_path):
     images = copy_photos(photos, tmp_path / "a" / "b", 4)
-    (tmp_path / "list.txt").write_text(f"# my picks\na/b/{images[2].name}\n{images[3]}\n", encoding="utf-8")
+    (tmp_path / "list.txt").write_text(f"# my picks\na/b/{images[2].name}\n{images[3]}\ngone.jpg\nnotes.md\n",
+                                       encoding="utf-8")
     job = BatchJob(inputs=[str(images[0]), str(tmp_path / "a" / "**" / "img_001.jpg")],
                    file_list=str(tmp_path / "list.txt"), output_dir=str(tmp_path / "out"))
     summary = run_batch(captioner, job)
     assert summary.captioned == 4
+    assert summary.failed == [(str(tmp_path / "gone.jpg"), "file not found")]
     assert sorted(p.name for p in (tmp_path / "out").rglob("*.txt")) == [f"img_00{i}.txt" for i in range(4)]
     assert (tmp_path / "out" / "b" / "img_001.txt").is_file()  # glob: mirrored below the fixed part
 
@@ -243,6 +245,20 @@ def test_combined_outputs_and_kohya_merge(captioner, captioned_folder, tmp_path)
     rows = list(csv.reader((tmp_path / "all.csv").open(encoding="utf-8", newline="")))
     assert rows[0] == ["path", "caption", "model"] and rows[2][1] == captions["img_001"]
     assert str(metadata) in summary.written
+
+
+def test_kohya_keys_are_stems_or_full_paths(captioner, photos, tmp_path):
+    copy_photos(photos, tmp_path / "set" / "a", 2)
+    copy_photos(photos[1:], tmp_path / "set" / "b", 1)  # b/img_000.jpg: the same stem as a/img_000.jpg
+    metadata = tmp_path / "meta.json"
+    summary = run_batch(captioner, BatchJob(inputs=[str(tmp_path / "set")], recursive=True, kohya_json=str(metadata)))
+    assert sorted(json.loads(metadata.read_text())) == ["img_000", "img_001"]
+    assert len(summary.warnings) == 1 and "'img_000' is shared by" in summary.warnings[0][1]
+    run_batch(captioner, BatchJob(inputs=[str(tmp_path / "set")], recursive=True, kohya_json=str(metadata),
+                                  kohya_full_path=True))
+    keys = set(json.loads(metadata.read_text()))
+    assert {str((tmp_path / "set" / d / "img_000.jpg").resolve()) for d in "ab"} <= keys
+    assert {"img_000", "img_001"} <= keys  # the earlier entries are kept
 
 
 def test_unreadable_kohya_metadata_stops_the_run_before_it_starts(captioner, captioned_folder, tmp_path):

@@ -64,9 +64,8 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     speed = parser.add_argument_group("speed")
     speed.add_argument("--batch-size", type=int, default=8)
     speed.add_argument("--workers", type=int, default=2, help="image decoding workers (0: main thread)")
-    speed.add_argument("--loader", choices=[m.value for m in Loader], default="auto",
-                       help="decoding workers as threads or processes (default auto: processes when the "
-                            "model runs on the CPU with several torch threads, else threads)")
+    speed.add_argument("--loader", choices=[m.value for m in Loader], default="threads",
+                       help="run the decoding workers as threads (default) or processes")
     speed.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 can be "
                                                    "much faster on a busy machine)")
     speed.add_argument("--fast-decode", action="store_true",
@@ -134,7 +133,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         print_summary(summary)
     if summary.interrupted:
         return 130
-    every_image_failed = summary.failed and not summary.captioned and not summary.skipped
+    every_image_failed = bool(summary.failed) and not summary.captioned and not summary.skipped
     return 1 if every_image_failed else 0
 
 

@@ -44,12 +44,14 @@ class Discovery:
     failed: list[tuple[str, str]]  # images that cannot be captioned: (path, reason)
 
 
-def find_images(inputs: list[str], recursive: bool = False, file_list: str | None = None) -> Iterator[Found]:
-    """Images named by the inputs, each input in a stable (sorted) order. Missing inputs raise."""
+def find_images(inputs: list[str], recursive: bool = False, file_list: str | None = None,
+                unreadable: list[tuple[str, str]] | None = None) -> Iterator[Found]:
+    """Images named by the inputs, each input in a stable (sorted) order. Missing inputs raise;
+    sub-folders that cannot be listed are added to ``unreadable`` as (folder, reason)."""
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            yield from _walk(path, recursive)
+            yield from _walk(path, recursive, unreadable if unreadable is not None else [])
         elif any(c in item for c in GLOB_CHARS) and not path.exists():
             root = _glob_root(item)
             for match in sorted(glob.glob(os.path.expanduser(item), recursive=True)):
@@ -65,16 +67,23 @@ def find_images(inputs: list[str], recursive: bool = False, file_list: str | Non
         yield from _read_file_list(Path(file_list).expanduser())
 
 
-def _walk(folder: Path, recursive: bool) -> Iterator[Found]:
+def _walk(folder: Path, recursive: bool, unreadable: list[tuple[str, str]]) -> Iterator[Found]:
     """Images in ``folder``; hidden files and hidden sub-folders (.git, .cache ...) are left out."""
     if not recursive:
-        with os.scandir(folder) as entries:
-            names = sorted(e.name for e in entries if _is_file(e))
+        try:
+            with os.scandir(folder) as entries:
+                names = sorted(e.name for e in entries if _is_file(e))
+        except OSError as exc:
+            raise CaptionerError(f"Cannot list the folder {folder}: {exc.strerror or exc}") from exc
         for name in names:
             if is_image_path(folder / name):
                 yield Found(folder / name, folder)
         return
-    for current, dirs, files in os.walk(folder):
+
+    def report(exc: OSError) -> None:
+        unreadable.append((str(exc.filename or folder), f"folder not readable: {exc.strerror or exc}"))
+
+    for current, dirs, files in os.walk(folder, onerror=report):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         base = Path(current)
         for name in sorted(files):
@@ -112,8 +121,8 @@ def _read_file_list(path: Path) -> Iterator[Found]:
             continue
         image = Path(line).expanduser()
         image = image if image.is_absolute() else path.parent / image
-        if is_image_path(image) or not image.exists():
-            yield Found(image, image.parent)  # a missing file is reported when it fails to open
+        if is_image_path(image):  # a missing image is reported when it fails to open
+            yield Found(image, image.parent)
 
 
 def caption_path(found: Found, extension: str, output_dir: Path | None) -> Path:
@@ -136,7 +145,7 @@ def plan_images(inputs: list[str], recursive: bool, file_list: str | None, exten
     failed: list[tuple[str, str]] = []
     seen_images: set[str] = set()
     owners: dict[str, Path] = {}
-    for found in find_images(inputs, recursive, file_list):
+    for found in find_images(inputs, recursive, file_list, failed):
         key = os.path.normcase(os.path.realpath(found.path))
         if key in seen_images:
             continue

@@ -32,7 +32,6 @@ class TriggerMode(str, Enum):
 class Loader(str, Enum):
     """Where images are decoded and preprocessed while the model runs (see README: Batch captioning)."""
 
-    AUTO = "auto"            # processes when the model runs on a multi-threaded CPU, threads otherwise
     THREADS = "threads"
     PROCESSES = "processes"  # torch DataLoader worker processes
 
@@ -72,7 +71,7 @@ class BatchJob:
     shaping: TextShaping = field(default_factory=TextShaping)
     batch_size: int = 8
     workers: int = 2                 # image decoding workers; 0 = decode in the main thread
-    loader: Loader = Loader.AUTO
+    loader: Loader = Loader.THREADS
     fast_decode: bool = False        # JPEG draft decoding at reduced size (slightly different pixels)
     jsonl: str | None = None         # combined outputs; None = off
     csv: str | None = None

@@ -6,14 +6,13 @@ drops failed images from the batch (kohya / JoyCaption style), passing their rea
 
 Two ways to run it in parallel (``BatchJob.loader``):
 
-- ``threads``: a thread pool. Pillow's decoders and resizers and torch's tensor ops release the
-  GIL, so threads overlap with the model without starting processes. Safe inside the WebUI (no fork
-  of a large multi-threaded server) and cheap to start.
-- ``processes``: torch DataLoader worker processes, each with one torch thread. When the model
-  itself runs on the CPU with several torch threads, the preprocessors' tensor ops in worker
-  *threads* each start their own OpenMP team and fight the model for the cores; on the 2-core test
-  machine that made the thread loader up to 2x slower (bench/bench_batch.py), so ``auto`` picks
-  processes there and threads otherwise (GPU, or a single torch thread, where both measure the same).
+- ``threads`` (default): a thread pool. Pillow's decoders and resizers and torch's tensor ops
+  release the GIL, so threads overlap with the model. Nothing to start or pickle, and safe inside
+  the WebUI (no fork of a large multi-threaded server, no spawn re-import on Windows).
+- ``processes``: torch DataLoader worker processes (one torch thread each). For preprocessors that
+  hold the GIL; costs a worker start per run and a pickle of every batch.
+
+bench/bench_batch.py measures both: on the 2-core test machine they are equal within its noise.
 """
 
 from __future__ import annotations
@@ -77,16 +76,9 @@ def collate(items: list[tuple[int, torch.Tensor | str]]) -> LoadedBatch:
     return LoadedBatch([i for i, _ in ok], pixels, failed)
 
 
-def resolve_loader(loader: Loader, device: torch.device | None) -> Loader:
-    if loader != Loader.AUTO:
-        return loader
-    cpu_model = device is None or device.type == "cpu"
-    return Loader.PROCESSES if cpu_model and torch.get_num_threads() > 1 else Loader.THREADS
-
-
 def iter_batches(dataset: ImageDataset, batch_size: int, workers: int, loader: Loader,
                  pin_memory: bool = False) -> Iterator[LoadedBatch]:
-    """Batches in dataset order (``loader`` already resolved). Close the iterator to stop the workers."""
+    """Batches in dataset order. Close the iterator (or exhaust it) to stop the workers."""
     if workers == 0 or len(dataset) <= 1:
         batches = _inline_batches(dataset, batch_size)
     elif loader == Loader.PROCESSES:

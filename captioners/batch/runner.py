@@ -18,7 +18,7 @@ import torch
 from captioners.base import Captioner
 from captioners.batch.discovery import Discovery, Planned, plan_images
 from captioners.batch.job import BatchJob, ExistingPolicy
-from captioners.batch.loading import ImageDataset, LoadedBatch, iter_batches, resolve_loader
+from captioners.batch.loading import ImageDataset, LoadedBatch, iter_batches
 from captioners.batch.outputs import CombinedOutputs, Record
 from captioners.batch.report import PREVIEWS, RECENT, BatchSummary, Progress, Tracker
 from captioners.batch.shaping import clip_token_counter, shape_caption
@@ -103,8 +103,7 @@ class _Run:
         dataset = ImageDataset([item.image for item in todo], captioner.preprocessor(), min_side)
         pin = captioner.device is not None and captioner.device.type == "cuda"
         self.tracker.start_loop()
-        loader = resolve_loader(job.loader, captioner.device)
-        batches = iter_batches(dataset, job.batch_size, job.workers, loader, pin_memory=pin)
+        batches = iter_batches(dataset, job.batch_size, job.workers, job.loader, pin_memory=pin)
         try:
             for batch in batches:
                 self._caption_batch(batch, todo, options)
