@@ -16,72 +16,77 @@ MAPPING = {"landscape": "scenery", "people": "human", "animal": "animal", "plant
 
 
 class ReferenceSBG:
-    """``memoize`` keeps each label list's features for later images: the same numbers, computed
-    once (tests use it for speed; the benchmark's per-image path leaves it off, as the original)."""
+    """``memoize`` keeps label-list features for later images: ``"fixed"`` only the lists the ICG
+    extension encoded once at load (keywords, prime and secondary labels), as the original does;
+    ``"all"`` every list (the same numbers, computed once: tests use it for speed)."""
 
-    def __init__(self, clip, clip_tokenizer, all_labels, encyclopedia, memoize: bool = False):
+    def __init__(self, clip, clip_tokenizer, all_labels, encyclopedia, memoize: str = "fixed"):
         self.clip, self.clip_tokenizer, self.enc = clip, clip_tokenizer, encyclopedia
-        self.memo = {} if memoize else None
+        self.memoize, self.memo = memoize, {}
         self.labels = [k for k, pos, _ in all_labels if pos in ("NOUN", "ADV", "ADJ")][:1000]
         self.prime_labels = ["picture of " + a + "." for a in PRIME]
         self.prime_labels += ["picture of " + a + " and " + b + "." for a, b in combinations(PRIME, 2)]
         self.prime_labels += ["picture of " + a + " and " + b + " and " + c + "." for a, b, c in combinations(PRIME, 3)]
+        people = ["a man", "a woman", "a boy", "a girl", "an old man", "an old woman"]
+        for count in ["two", "three", "four"]:
+            for group in ["men", "women", "boys", "girls", "old men", "old women"]:
+                people.append(count + " " + group)
+        people += [count + " people" for count in ["two", "three", "four"]] + ["a crowd of people"]
+        self.secondary = {"human": ["picture of " + p + "." for p in people]}
+        for mode in ["scenery", "animal", "plant", "object"]:
+            self.secondary[mode] = ["picture of " + k + "." for k in encyclopedia[mode] if k != "clothing and fashion"]
+        self.occupation = ["picture of " + w + "." for w in encyclopedia["human"]]
+        colours = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "white", "black"]
+        self.clothing = ["wearing " + c + " " + g + "." for g in ["shirt", "suit", "cloth", "jacket"] for c in colours]
+        self.activity = ["activity is " + k + "." for k in encyclopedia["activity"]]
+        self.during = {check: ["picture during " + k + "." for k in encyclopedia[check]] for check in ["time", "weather"]}
 
-    def text_features(self, labels):
+    def fixed_lists(self):
+        """The lists the ICG extension encodes when the model loads."""
+        return [self.labels, self.prime_labels, *self.secondary.values(), self.occupation, self.clothing,
+                self.activity, *self.during.values()]
+
+    def text_features(self, labels, fixed: bool = False):
         key = tuple(labels)
-        if self.memo is not None and key in self.memo:
+        if key in self.memo:
             return self.memo[key]
         device = next(self.clip.parameters()).device
         with torch.no_grad():
             features = self.clip.encode_text(self.clip_tokenizer(labels).to(device)).float()
         features = features / features.norm(dim=-1, keepdim=True)
-        if self.memo is not None:
+        if self.memoize == "all" or (self.memoize == "fixed" and fixed):
             self.memo[key] = features
         return features
 
-    def prob_dict(self, image, labels):
-        probs = (100.0 * image @ self.text_features(labels).T).softmax(dim=-1).tolist()[0]
+    def prob_dict(self, image, labels, fixed: bool = False):
+        probs = (100.0 * image @ self.text_features(labels, fixed).T).softmax(dim=-1).tolist()[0]
         table = {}
         for label, prob in zip(labels, probs):
             table[label] = prob
         return dict(sorted(table.items(), key=lambda item: item[1], reverse=True))
 
-    def top(self, image, labels):
-        return list(self.prob_dict(image, labels).keys()) if labels else []
-
-    def secondary_labels(self, mode):
-        if mode == "human":
-            people = ["a man", "a woman", "a boy", "a girl", "an old man", "an old woman"]
-            for count in ["two", "three", "four"]:
-                for group in ["men", "women", "boys", "girls", "old men", "old women"]:
-                    people.append(count + " " + group)
-            people += [count + " people" for count in ["two", "three", "four"]] + ["a crowd of people"]
-            return ["picture of " + p + "." for p in people]
-        if mode == "object":
-            return ["picture of " + k + "." for k in self.enc["object"] if k != "clothing and fashion"]
-        return ["picture of " + k + "." for k in self.enc[mode]]
+    def top(self, image, labels, fixed: bool = False):
+        return list(self.prob_dict(image, labels, fixed).keys()) if labels else []
 
     def keywords(self, image):
         """image: (1, D) normalised CLIP embedding -> the sorted final keywords."""
         main = []
         total = 0.0
-        for label, prob in self.prob_dict(image, self.labels).items():
+        for label, prob in self.prob_dict(image, self.labels, fixed=True).items():
             total += prob
             main.append(label)
             if total > 0.5:
                 break
-        prime = self.top(image, self.prime_labels)[0] + " landscape some object"
+        prime = self.top(image, self.prime_labels, fixed=True)[0] + " landscape some object"
         for subject in PRIME:
             if subject not in prime:
                 continue
-            ranked = self.top(image, self.secondary_labels(MAPPING[subject]))
+            ranked = self.top(image, self.secondary[MAPPING[subject]], fixed=True)
             if subject == "people":
                 main.append(ranked[0].split("picture of")[1].strip()[:-1])
-                occupation = self.top(image, ["picture of " + w + "." for w in self.enc["human"]])
+                occupation = self.top(image, self.occupation, fixed=True)
                 main.append(occupation[0].split("picture of")[1].strip()[:-1])
-                colours = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "white", "black"]
-                clothes = ["wearing " + c + " " + g + "." for g in ["shirt", "suit", "cloth", "jacket"] for c in colours]
-                main.append(self.top(image, clothes)[0].split("wearing")[1].strip()[:-1])
+                main.append(self.top(image, self.clothing, fixed=True)[0].split("wearing")[1].strip()[:-1])
                 continue
             key = ranked[0].split("picture of")[1].strip()[:-1]
             main.append(key)
@@ -95,14 +100,13 @@ class ReferenceSBG:
             if check == "activity" and "people" not in prime and "animal" not in prime:
                 continue
             if check == "activity":
-                key = self.top(image, ["activity is " + k + "." for k in self.enc["activity"]])[0]
-                key = key.split("activity is")[1].strip()[:-1]
+                key = self.top(image, self.activity, fixed=True)[0].split("activity is")[1].strip()[:-1]
                 words = ["activity is " + w + "." for w in self.enc["activity"][key]][:100]
                 tertiary = self.top(image, words)
                 if tertiary:
                     main.append(tertiary[0].split("activity is")[1].strip()[:-1])
             else:
-                label = self.top(image, ["picture during " + k + "." for k in self.enc[check]])[0]
+                label = self.top(image, self.during[check], fixed=True)[0]
                 main.append(label.split("picture during")[1].strip()[:-1])
         return list(self.prob_dict(image, main).keys())
 

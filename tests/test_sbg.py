@@ -52,7 +52,7 @@ def reference(sbg_files, tiny_clip, tokenizer_dir):
     vocabulary = Path(sbg_files["vocabulary"])
     with open(vocabulary / "all_labels.pkl", "rb") as labels, open(vocabulary / "encyclopedia.pkl", "rb") as enc:
         ref = ReferenceSBG(clip.eval(), open_clip.get_tokenizer(config.stem), pickle.load(labels), pickle.load(enc),
-                           memoize=True)
+                           memoize="all")
     gpt = GPT2LMHeadModel.from_pretrained(sbg_files["weights"]).eval()
     return ref, preprocess, gpt, GPT2TokenizerFast.from_pretrained(str(tokenizer_dir))
 
@@ -239,8 +239,13 @@ def test_vocabulary_download_goes_through_one_atomic_path(tmp_path, sbg_files, m
 
 def test_sbg_is_listed_and_runs_from_the_command_line(sbg, sbg_files, photos, tmp_path, capsys):
     models = tmp_path / "models"
+    models.mkdir()
+    (models / "presets.json").write_text(json.dumps({"my-sbg": {"family": "sbg", **sbg_files}}))
     assert cli_main(["models", "--json", "--models-dir", str(models)]) == 0
     listing = {r["id"]: r for r in json.loads(capsys.readouterr().out)["models"]}
+    assert listing["my-sbg"]["family"] == "sbg" and listing["my-sbg"]["ready"]
+    mine = available_models(models)["my-sbg"].config
+    assert mine.weights.path(models) == Path(sbg_files["weights"]) and mine.clip.config == sbg_files["clip_config"]
     files = {Path(f["path"]).name: f for f in listing["sbg-flickr8k"]["files"]}
     assert set(files) == {"selective-blind-guessing", "gpt2-tokenizer", "all_labels.pkl", "encyclopedia.pkl"}
     assert "huggingface.co/Anshler/selective-blind-guessing" in files["selective-blind-guessing"]["source"]

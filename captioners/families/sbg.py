@@ -48,6 +48,11 @@ def _weights_folder(path: str, repo_id: str | None = None) -> Asset:
                  is_dir=True, required=("|".join(WEIGHT_FILES),))
 
 
+def _weights_asset(location: Path) -> Asset:
+    path = location.expanduser().resolve()
+    return _weights_folder(str(path)) if path.is_dir() or not path.suffix else Asset(str(path))
+
+
 def _vocabulary_file(name: str, folder: str | None = None) -> Asset:
     if folder is None:
         return Asset(f"{FOLDER}/{name}", file_url=f"{ICG_RAW}/{name}", converted_suffix=".json", option="--vocabulary")
@@ -97,13 +102,19 @@ class SbgCaptioner(Captioner):
         return PRESETS
 
     @classmethod
+    def spec_for_path(cls, path: Path, model_id: str | None = None, origin: str = "local file") -> ModelSpec:
+        """An SBG GPT-2 folder or weights file (a preset with "family": "sbg"); the other files
+        are the sbg-flickr8k ones unless the preset overrides them."""
+        return ModelSpec(model_id or f"local:{path.name}", FAMILY, SbgConfig(_weights_asset(path)), DEFAULT_DECODING,
+                         f"SBG GPT-2 in {path}", origin)
+
+    @classmethod
     def apply_overrides(cls, spec: ModelSpec, overrides: Mapping[str, Any]) -> ModelSpec:
         cls.check_override_keys(spec, overrides)
         config: SbgConfig = spec.config
         changes: dict[str, Any] = {}
         if overrides.get("weights"):
-            path = Path(overrides["weights"]).expanduser().resolve()
-            changes["weights"] = _weights_folder(str(path)) if path.is_dir() or not path.suffix else Asset(str(path))
+            changes["weights"] = _weights_asset(Path(overrides["weights"]))
         if overrides.get("tokenizer"):
             changes["tokenizer"] = tokenizer_asset(overrides["tokenizer"])
         if overrides.get("vocabulary"):
