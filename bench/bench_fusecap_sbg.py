@@ -4,8 +4,10 @@ Full-size models with random weights, no download:
 
 - FuseCap: BLIP-base (ViT-B/16 at 384 px + BERT-base decoder). The per-image loop is the model
   card's demo (processor + ``generate(num_beams=3, max_length=60)`` per image); the batched path is
-  ``FuseCapCaptioner.caption`` (one ``generate`` per batch). [SEP] gets a bias so that random
-  captions end at different lengths instead of always running to 60 tokens.
+  ``FuseCapCaptioner.caption`` (one ``generate`` per batch). Random weights give near-uniform
+  next-token distributions, on which beam search either stops at once or never: the output
+  embeddings are scaled up (peaked distributions, like a trained model's) and [SEP] gets a bias, so
+  captions end after a realistic number of tokens instead of at 0 or 56.
 - SBG: open_clip ViT-L-14 + GPT-2 small. The per-image path is the ICG extension's: label lists
   it encoded at load are encoded once ("setup"), the tertiary lists, final keywords and the 5
   candidates are encoded per image, and the 5 candidates are sampled one ``generate`` call each
@@ -84,8 +86,10 @@ def bench_fusecap(args, device, dtype, workdir: Path) -> None:
     processor = BlipProcessor(BlipImageProcessor(), bert_tokenizer(workdir / "bert"))
     torch.manual_seed(0)
     model = BlipForConditionalGeneration(BlipConfig()).eval()
+    predictions = model.text_decoder.cls.predictions
     with torch.no_grad():
-        model.text_decoder.cls.predictions.bias[102] += args.sep_bias
+        predictions.decoder.weight.mul_(args.logit_scale)  # (tied to the word embeddings in transformers 5)
+        predictions.bias[102] += args.sep_bias
     model = model.to(device, dtype)
     images = photos(args.images)
 
@@ -259,7 +263,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sep-bias", type=float, default=6.0, help="FuseCap: makes random captions end earlier")
+    parser.add_argument("--logit-scale", type=float, default=10.0, help="FuseCap: peaks the random next-token odds")
+    parser.add_argument("--sep-bias", type=float, default=16.0, help="FuseCap: makes random captions end earlier")
     parser.add_argument("--eos-scale", type=float, default=6.0, help="SBG: makes random guesses end earlier")
     parser.add_argument("--vocabulary", help="SBG: folder with all_labels and encyclopedia (.pkl or .json)")
     parser.add_argument("--tertiary-cap", type=int, default=100, help="SBG: words kept per encyclopedia list")
