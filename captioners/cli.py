@@ -34,6 +34,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--clip-weights", help="open_clip pretrained tag (openai) or a local CLIP weights file")
     group.add_argument("--clip-config", help="open_clip model-config JSON for a custom CLIP architecture")
     group.add_argument("--tokenizer", help="GPT-2 tokenizer folder (vocab.json, merges.txt) or hub repo id")
+    group.add_argument("--vocabulary", help="keyword vocabulary folder (SBG: all_labels + encyclopedia, .pkl or .json)")
     group.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                        help="L2-normalise the CLIP embedding (default: what the checkpoint was trained with)")
     group.add_argument("--postprocess", choices=("icg", "clipcap", "none"), help="caption clean-up style")
@@ -59,7 +60,8 @@ def add_decoding_options(parser: argparse.ArgumentParser) -> None:
                        help="skip the preset's caption clean-up")
 
 
-MODEL_OVERRIDE_ARGS = ("weights", "clip_arch", "clip_weights", "clip_config", "tokenizer", "normalize", "postprocess")
+MODEL_OVERRIDE_ARGS = ("weights", "clip_arch", "clip_weights", "clip_config", "tokenizer", "vocabulary", "normalize",
+                       "postprocess")
 DECODING_ARGS = ("strategy", "num_beams", "max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k",
                  "repetition_penalty", "seed", "num_candidates", "prompt", "keep_prompt")
 

@@ -24,6 +24,8 @@ from typing import Any, Mapping
 from captioners.base import Captioner, ModelSpec
 from captioners.errors import CaptionerError, UnknownModelError
 from captioners.families.clip_prefix import ClipPrefixCaptioner
+from captioners.families.fusecap import FuseCapCaptioner
+from captioners.families.sbg import SbgCaptioner
 from captioners.options import DecodingOptions
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ PRESETS_FILE = "presets.json"
 # Preset keys that name files; resolved against the models folder when relative.
 PATH_KEYS = ("weights", "tokenizer", "clip_weights", "clip_config", "vocabulary")
 
-FAMILIES: dict[str, type[Captioner]] = {cls.family: cls for cls in (ClipPrefixCaptioner,)}
+FAMILIES: dict[str, type[Captioner]] = {cls.family: cls for cls in (ClipPrefixCaptioner, SbgCaptioner, FuseCapCaptioner)}
 
 
 def builtin_specs() -> dict[str, ModelSpec]:
