@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 import torch
 
+from captioners.sampling import row_generators, sample_from_logits
+
 Cache = Any  # a tuple of (key, value) per layer (transformers < 4.36) or a transformers Cache object
 
 
@@ -33,25 +35,6 @@ def select_rows(past: Cache, index: torch.Tensor) -> Cache:
     return tuple(tuple(t.index_select(0, index.to(t.device)) for t in layer) for layer in past)
 
 
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Set to -inf every token outside the smallest set whose probability reaches ``top_p``."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove = cumulative > top_p
-    remove[..., 1:] = remove[..., :-1].clone()
-    remove[..., 0] = False  # the most likely token always stays
-    return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
-
-
-def top_k_filter(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
-    if not top_k or top_k >= logits.shape[-1]:
-        return logits
-    threshold = logits.topk(top_k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < threshold, float("-inf"))
-
-
 Chooser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, active row ids) -> tokens
 
 
@@ -60,20 +43,17 @@ def greedy_chooser() -> Chooser:
 
 
 def sampling_chooser(temperature: float, top_p: float, top_k: int | None, seed: int | None,
-                     batch: int, device: torch.device) -> Chooser:
-    """Nucleus / top-k sampling. With a seed, every image gets its own generator seeded with it,
-    so an image's caption does not depend on which other images share its batch."""
-    generators = None
-    if seed is not None:
-        generators = [torch.Generator(device=device).manual_seed(seed) for _ in range(batch)]
+                     batch: int) -> Chooser:
+    """Nucleus / top-k sampling. With a seed, every image draws from its own generator seeded alike,
+    so an image's caption does not depend on which other images share its batch (nor on the device)."""
+    generators = row_generators(seed, [0] * batch)
 
     def choose(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        logits = top_k_filter(logits / temperature, top_k)
-        probs = top_p_filter(logits, top_p).softmax(dim=-1)
         if generators is None:
-            return torch.multinomial(probs, 1).squeeze(1)
-        picks = [torch.multinomial(probs[i], 1, generator=generators[row]) for i, row in enumerate(rows.tolist())]
-        return torch.cat(picks)
+            uniforms = torch.rand(logits.shape[0])
+        else:
+            uniforms = torch.cat([torch.rand(1, generator=generators[row]) for row in rows.tolist()])
+        return sample_from_logits(logits, uniforms, top_k, top_p, temperature).to(logits.device)
 
     return choose
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from captioners.options import DecodingOptions
-from captioners.prefix_decoding import max_steps, top_p_filter
+from captioners.prefix_decoding import max_steps
+from captioners.sampling import sample_from_logits
 from tests import tiny_models
 from tests.reference_decoding import reference_beam, reference_greedy
 
@@ -104,8 +105,15 @@ def test_sampling_with_tiny_top_p_is_greedy(icg_checkpoint, load_tiny):
     assert sampled == greedy
 
 
-def test_top_p_filter_keeps_smallest_set_reaching_p():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    kept = torch.isfinite(top_p_filter(logits, 0.7))
-    assert kept.tolist() == [[True, True, False, False]]
-    assert torch.isfinite(top_p_filter(logits, 0.1)).tolist() == [[True, False, False, False]]
+def test_sampling_keeps_the_smallest_set_reaching_top_p_and_top_k():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(3, 1)
+    uniforms = torch.tensor([0.0, 0.7, 0.999])  # low, middle and top of the kept mass
+
+    def picks(**kwargs) -> list[int]:
+        return sample_from_logits(logits, uniforms, **kwargs).tolist()
+
+    assert picks() == [0, 1, 3]
+    assert picks(top_p=0.7) == [0, 1, 1]  # 0.5 + 0.3 reaches 0.7: tokens 2 and 3 are cut
+    assert picks(top_p=0.1) == [0, 0, 0]  # the most likely token always stays
+    assert picks(top_k=3) == [0, 1, 2]
+    assert picks(temperature=1e-4) == [0, 0, 0]

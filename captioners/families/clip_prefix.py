@@ -222,7 +222,7 @@ class ClipPrefixCaptioner(Captioner):
             return beam_search(gpt, prefix, self.stop_token, steps, options.num_beams or 5, options.temperature or 1.0)
         if options.strategy == "sample":
             choose = sampling_chooser(options.temperature or 1.0, options.top_p or 1.0, options.top_k, options.seed,
-                                      prefix.shape[0], prefix.device)
+                                      prefix.shape[0])
         else:
             choose = greedy_chooser()
         return decode_tokens(gpt, prefix, self.stop_token, steps, choose)
