@@ -135,16 +135,10 @@ def add_caption_parser(sub: argparse._SubParsersAction) -> None:
 # ---- models / download / convert --------------------------------------------------------------
 def cmd_models(args: argparse.Namespace) -> int:
     from captioners.paths import resolve_models_dir
-    from captioners.registry import FAMILIES, available_models
+    from captioners.registry import model_rows
 
     models_dir = resolve_models_dir(args.models_dir)
-    rows = []
-    for spec in available_models(models_dir).values():
-        assets = FAMILIES[spec.family].assets(spec)
-        files = [{"path": str(a.path(models_dir)), "present": a.is_present(models_dir), "source": a.source()}
-                 for a in assets]
-        rows.append({"id": spec.id, "family": spec.family, "origin": spec.origin, "description": spec.description,
-                     "ready": all(f["present"] for f in files), "files": files})
+    rows = [row.to_dict() for row in model_rows(models_dir)]
     if args.json:
         print(json.dumps({"models_dir": str(models_dir), "models": rows}, indent=2))
         return 0

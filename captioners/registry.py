@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from captioners.base import Captioner, ModelSpec
 from captioners.errors import CaptionerError, UnknownModelError
@@ -52,6 +52,43 @@ def available_models(models_dir: Path) -> dict[str, ModelSpec]:
     for spec in _read_presets_file(models_dir, specs):
         specs[spec.id] = spec
     return specs
+
+
+@dataclass
+class FileRow:
+    path: str
+    present: bool
+    source: str
+
+
+@dataclass
+class ModelRow:
+    """A model id and the state of its files, as the CLI, the Models tab and the API list them."""
+
+    id: str
+    family: str
+    origin: str
+    description: str
+    files: list[FileRow]
+    loaded: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return all(f.present for f in self.files)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "family": self.family, "origin": self.origin, "description": self.description,
+                "ready": self.ready, "loaded": self.loaded, "files": [vars(f) for f in self.files]}
+
+
+def model_rows(models_dir: Path, specs: Iterable[ModelSpec] | None = None, loaded: str | None = None) -> list[ModelRow]:
+    """One row per model (all available ones by default), ``loaded`` naming the one in memory."""
+    rows = []
+    for spec in available_models(models_dir).values() if specs is None else specs:
+        files = [FileRow(str(a.path(models_dir)), a.is_present(models_dir), a.source())
+                 for a in FAMILIES[spec.family].assets(spec)]
+        rows.append(ModelRow(spec.id, spec.family, spec.origin, spec.description, files, spec.id == loaded))
+    return rows
 
 
 def get_spec(model: str, models_dir: Path) -> ModelSpec:

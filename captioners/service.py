@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -23,6 +23,9 @@ from captioners.base import Captioner, ModelSpec
 from captioners.devices import free_memory, resolve_device
 from captioners.errors import CaptionerError
 from captioners.options import DecodingOptions
+
+if TYPE_CHECKING:  # the registry imports transformers: loaded at first use, not with the WebUI
+    from captioners.registry import ModelRow
 
 log = logging.getLogger(__name__)
 
@@ -41,31 +44,6 @@ class Settings:
     dtype: str = "auto"             # auto (fp16 on CUDA) | fp16 | bf16 | fp32
     after_use: str = "keep"         # one of AFTER_USE
     decoding: DecodingOptions = field(default_factory=DecodingOptions)
-
-
-@dataclass
-class FileRow:
-    path: str
-    present: bool
-    source: str
-
-
-@dataclass
-class ModelRow:
-    id: str
-    family: str
-    origin: str
-    description: str
-    files: list[FileRow]
-    loaded: bool = False
-
-    @property
-    def ready(self) -> bool:
-        return all(f.present for f in self.files)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "family": self.family, "origin": self.origin, "description": self.description,
-                "ready": self.ready, "loaded": self.loaded, "files": [vars(f) for f in self.files]}
 
 
 class Host:
@@ -121,16 +99,9 @@ class CaptionService:
         return available_models(self.settings().models_dir)
 
     def model_rows(self) -> list[ModelRow]:
-        from captioners.registry import FAMILIES
+        from captioners.registry import model_rows
 
-        models_dir = self.settings().models_dir
-        loaded = self.loaded_model()
-        rows = []
-        for spec in self.model_specs().values():
-            files = [FileRow(str(a.path(models_dir)), a.is_present(models_dir), a.source())
-                     for a in FAMILIES[spec.family].assets(spec)]
-            rows.append(ModelRow(spec.id, spec.family, spec.origin, spec.description, files, spec.id == loaded))
-        return rows
+        return model_rows(self.settings().models_dir, self.model_specs().values(), self.loaded_model())
 
     def loaded_model(self) -> str | None:
         with self._state_lock:

@@ -6,9 +6,10 @@ Everything user-controlled (paths, captions, error messages) is escaped.
 from __future__ import annotations
 
 from html import escape
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from captioners.service import ModelRow
+if TYPE_CHECKING:
+    from captioners.registry import ModelRow
 
 MISSING = " (files missing)"
 
