@@ -96,7 +96,8 @@ def _missing_message(asset: Asset, target: Path, reason: str = "") -> str:
     needed = (name.replace("|", " or ") for name in asset.required or asset.repo_files)
     files = f" with {', '.join(needed)}" if asset.is_dir else ""
     msg = f"Missing model {what} {target}{files}. Download it from {asset.source()} and put it there"
-    msg += f", or give the path of a local copy ({asset.option} on the command line)."
+    msg += (f", or point at a copy you already have ({asset.option} on the command line; in the WebUI, "
+            "Captioners tab > Models > Local files).")
     if reason:
         msg += f" (automatic download failed: {reason})"
     return msg
