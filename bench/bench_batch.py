@@ -92,20 +92,13 @@ def full_model(cache: Path, models_dir: Path, stop_scale: float):
 def build_full_model(folder: Path, stop_scale: float) -> None:
     import open_clip
 
-    from captioners.families.clipcap_modules import ClipPrefixLayout, ClipPrefixModel
+    from bench.common import full_size_icg_model
     from captioners.weights import deduplicate_shared, save_safetensors
 
     folder.mkdir(parents=True, exist_ok=True)
     print(f"building the full-size random model into {folder} (once)", file=sys.stderr)
     stop = synthetic_gpt2_tokenizer(folder / "tokenizer")
-    layout = ClipPrefixLayout("mlp", vocab_size=50257, n_embd=768, n_positions=1024, n_layer=12, n_inner=3072,
-                              prefix_size=768, prefix_length=10, mlp_hidden=3840)
-    torch.manual_seed(0)
-    model = ClipPrefixModel(layout)
-    with torch.no_grad():
-        for p in model.clip_project.parameters():
-            p.normal_(0, 0.05)
-        model.gpt.transformer.wte.weight[stop] *= stop_scale
+    model = full_size_icg_model(stop, stop_scale)
     state = deduplicate_shared(model.state_dict(), drop=("gpt.lm_head.weight", "lm_head.weight"))
     save_safetensors(state, folder / "icg_gpt2_small.safetensors")
     clip = open_clip.create_model("ViT-L-14", pretrained=None, force_quick_gelu=True)

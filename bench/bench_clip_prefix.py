@@ -12,41 +12,22 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from captioners.families.clipcap_modules import ClipPrefixLayout, ClipPrefixModel  # noqa: E402
+from bench.common import full_size_icg_model, photos, timed  # noqa: E402
+from captioners.families.clipcap_modules import ClipPrefixModel  # noqa: E402
 from captioners.prefix_decoding import beam_search, decode_tokens, greedy_chooser  # noqa: E402
 from tests.reference_decoding import reference_beam, reference_greedy  # noqa: E402
 
 STOP = 13  # GPT-2's '.'
-PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos"
 
 
 def build_model(device: torch.device, dtype: torch.dtype, stop_scale: float) -> ClipPrefixModel:
-    layout = ClipPrefixLayout("mlp", vocab_size=50257, n_embd=768, n_positions=1024, n_layer=12, n_inner=3072,
-                              prefix_size=768, prefix_length=10, mlp_hidden=3840)
-    torch.manual_seed(0)
-    model = ClipPrefixModel(layout)
-    with torch.no_grad():
-        for p in model.clip_project.parameters():
-            p.normal_(0, 0.05)
-        model.gpt.transformer.wte.weight[STOP] *= stop_scale
-    return model.eval().to(device, dtype)
-
-
-def timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start
+    return full_size_icg_model(STOP, stop_scale).to(device, dtype)
 
 
 def reference_all(model, prefixes, beam: bool):
@@ -71,16 +52,6 @@ def load_clip(device, dtype):
     torch.manual_seed(0)
     model, _, preprocess = open_clip.create_model_and_transforms("ViT-L-14", pretrained=None, force_quick_gelu=True)
     return model.eval().to(device, dtype), preprocess
-
-
-def photos(count: int):
-    from PIL import Image
-
-    files = sorted(PHOTOS.glob("*.jpg"))
-    if not files:
-        rng = torch.Generator().manual_seed(0)
-        return [Image.fromarray((torch.rand(480, 640, 3, generator=rng) * 255).byte().numpy()) for _ in range(count)]
-    return [Image.open(files[i % len(files)]).convert("RGB") for i in range(count)]
 
 
 def main() -> None:

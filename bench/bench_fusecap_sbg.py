@@ -29,42 +29,20 @@ import random
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from captioners.base import ModelSpec  # noqa: E402
+from bench.common import photos, timed  # noqa: E402
 from captioners.clip_backbone import ClipBackbone, ClipSpec  # noqa: E402
 from captioners.families import fusecap, sbg  # noqa: E402
 from captioners.families.sbg_keywords import LabelSets, TextFeatureStore, Vocabulary, read_vocabulary_file  # noqa: E402
 from tests.reference_sbg import ReferenceSBG, parse  # noqa: E402
 from tests.tiny_models import CAPTION_WORDS  # noqa: E402
 
-PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos"
 PROMPT = "a picture of "
-
-
-def timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start
-
-
-def photos(count: int):
-    from PIL import Image
-
-    files = sorted(PHOTOS.glob("*.jpg"))
-    if not files:
-        rng = torch.Generator().manual_seed(0)
-        return [Image.fromarray((torch.rand(480, 640, 3, generator=rng) * 255).byte().numpy()) for _ in range(count)]
-    return [Image.open(files[i % len(files)]).convert("RGB") for i in range(count)]
 
 
 # ---- FuseCap ---------------------------------------------------------------------------------------
