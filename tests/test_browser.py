@@ -67,7 +67,33 @@ def app_url(models_dir, tmp_path_factory):
         process.wait(20)
     except subprocess.TimeoutExpired:
         process.kill()
-    assert "Traceback" not in log_path.read_text(), log_path.read_text()[-3000:]
+    log_text = log_path.read_text()
+    assert not app_errors(log_text), log_text[-3000:]
+
+
+# A browser page closing while gradio 3.41 waits on its queue websocket logs a traceback that ends
+# in this (also in a real A1111 with current uvicorn): the client left, the app did nothing wrong.
+CLIENT_GONE = ("WebSocketDisconnect", "ClientDisconnect")
+
+
+def app_errors(log_text: str) -> list[str]:
+    """The last line (the exception) of each traceback in the log, except clients disconnecting."""
+    errors, in_traceback = [], False
+    for line in log_text.splitlines():
+        if line.startswith("Traceback (most recent call last)"):
+            in_traceback = True
+        elif in_traceback and line and not line[0].isspace():
+            in_traceback = False
+            if not any(name in line.split(":")[0] for name in CLIENT_GONE):
+                errors.append(line)
+    return errors
+
+
+def test_app_errors_ignores_only_clients_that_left():
+    gone = "Traceback (most recent call last):\n  File \"x\", line 1\nstarlette.websockets.WebSocketDisconnect: 1001\n"
+    broken = "Traceback (most recent call last):\n  File \"y\", line 2\n    boom()\nValueError: bad caption\n"
+    assert app_errors("INFO: started\n" + gone) == []
+    assert app_errors(gone + "INFO: next\n" + broken) == ["ValueError: bad caption"]
 
 
 @pytest.fixture(scope="module")
