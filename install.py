@@ -8,12 +8,13 @@ A plain ``pip install`` of a missing package leaves already-satisfied dependenci
 
 import launch
 
-# importable module -> what to install when it is absent (all three are in A1111's and Forge's own
-# requirements, so this normally installs nothing)
+# importable module -> what to install when it is absent. All three are in A1111's and Forge's own
+# requirements, so this normally installs nothing; no version specifiers, so that nothing here can
+# ever ask pip to move a package the host already pinned.
 NEEDED = {
-    "open_clip": "open_clip_torch>=2.20",
-    "safetensors": "safetensors>=0.3",
-    "huggingface_hub": "huggingface_hub>=0.14",
+    "open_clip": "open_clip_torch",
+    "safetensors": "safetensors",
+    "huggingface_hub": "huggingface_hub",
 }
 
 for module, requirement in NEEDED.items():

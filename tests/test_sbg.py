@@ -50,9 +50,8 @@ def reference(sbg_files, tiny_clip, tokenizer_dir):
     clip, _, preprocess = open_clip.create_model_and_transforms(config.stem, pretrained=None, force_quick_gelu=True)
     clip.load_state_dict(load_file(str(weights)))
     vocabulary = Path(sbg_files["vocabulary"])
-    with open(vocabulary / "all_labels.pkl", "rb") as labels, open(vocabulary / "encyclopedia.pkl", "rb") as enc:
-        ref = ReferenceSBG(clip.eval(), open_clip.get_tokenizer(config.stem), pickle.load(labels), pickle.load(enc),
-                           memoize="all")
+    labels, encyclopedia = (load_plain_pickle(vocabulary / name) for name in ("all_labels.pkl", "encyclopedia.pkl"))
+    ref = ReferenceSBG(clip.eval(), open_clip.get_tokenizer(config.stem), labels, encyclopedia, memoize="all")
     gpt = GPT2LMHeadModel.from_pretrained(sbg_files["weights"]).eval()
     return ref, preprocess, gpt, GPT2TokenizerFast.from_pretrained(str(tokenizer_dir))
 
