@@ -144,6 +144,8 @@ class FuseCapCaptioner(Captioner):
         if missing:
             raise CheckpointLayoutError(f"{folder} is not a BLIP captioner checkpoint: missing {', '.join(missing[:5])}.")
         self.model = model.eval().requires_grad_(False).to(device=device, dtype=dtype)
+        # generate() calls the model's _reorder_cache when it has one, in every supported version.
+        self.model.text_decoder._reorder_cache = reorder_self_attention_only
         try:
             # The fast tokenizer drops BLIP's [DEC] id, which is outside the BERT vocabulary.
             self.processor = BlipProcessor.from_pretrained(str(folder))
@@ -195,6 +197,20 @@ class FuseCapCaptioner(Captioner):
                                  options.temperature or 1.0)
             args["logits_processor"] = _processor_list(sampler)
         return args
+
+
+def reorder_self_attention_only(past: Any, beam_idx: torch.Tensor) -> Any:
+    """Beam search's cache reordering after each step, without the cross-attention part.
+
+    Beams only ever take over beams of their own image, and every beam of an image holds the same
+    cross-attention keys and values (the image's 577 tokens, computed once per beam): reordering
+    them copies ~42 MB per beam per step for nothing, about half of the decoding time on a CPU.
+    transformers 5 caches them in an EncoderDecoderCache; 4.x keeps only self-attention in tuples.
+    """
+    if hasattr(past, "self_attention_cache"):
+        past.self_attention_cache.reorder_cache(beam_idx)
+        return past
+    return tuple(tuple(t.index_select(0, beam_idx.to(t.device)) for t in layer) for layer in past)
 
 
 def _size_field(size: Any, name: str) -> int | None:
