@@ -53,7 +53,7 @@ def sampling_chooser(temperature: float, top_p: float, top_k: int | None, seed: 
             uniforms = torch.rand(logits.shape[0])
         else:
             uniforms = torch.cat([torch.rand(1, generator=generators[row]) for row in rows.tolist()])
-        return sample_from_logits(logits, uniforms, top_k, top_p, temperature).to(logits.device)
+        return sample_from_logits(logits, uniforms, top_k, top_p, temperature)
 
     return choose
 
