@@ -2,9 +2,10 @@
 
 Full-size models with random weights, no download:
 
-- FuseCap: BLIP-base (ViT-B/16 at 384 px + BERT-base decoder). The per-image loop is the model
-  card's demo (processor + ``generate(num_beams=3, max_length=60)`` per image); the batched path is
-  ``FuseCapCaptioner.caption`` (one ``generate`` per batch). Random weights give near-uniform
+- FuseCap: BLIP-base (ViT-B/16 at 384 px + BERT-base decoder), saved to a folder like the hub
+  repo's. The per-image loop is the model card's demo (``from_pretrained`` of that folder, processor
+  + ``generate(num_beams=3, max_length=60)`` per image); the batched path is a
+  ``FuseCapCaptioner`` loaded from the same folder the way users' models load, one batch at a time. Random weights give near-uniform
   next-token distributions, on which beam search either stops at once or never: the output
   embeddings are scaled up (peaked distributions, like a trained model's) and [SEP] gets a bias, so
   captions end after a realistic number of tokens instead of at 0 or 56.
@@ -61,19 +62,24 @@ def bert_tokenizer(folder: Path):
 def bench_fusecap(args, device, dtype, workdir: Path) -> None:
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
-    processor = BlipProcessor(BlipImageProcessor(), bert_tokenizer(workdir / "bert"))
+    folder = workdir / "FuseCap"  # the hub repo's layout, vocab.txt included
+    processor = BlipProcessor(BlipImageProcessor(), bert_tokenizer(folder))
     torch.manual_seed(0)
     model = BlipForConditionalGeneration(BlipConfig()).eval()
     predictions = model.text_decoder.cls.predictions
     with torch.no_grad():
         predictions.decoder.weight.mul_(args.logit_scale)  # (tied to the word embeddings in transformers 5)
         predictions.bias[102] += args.sep_bias
-    model = model.to(device, dtype)
+    # The batched side loads the folder the way users' models load (safetensors, the package's setup).
+    model.save_pretrained(str(folder))
+    processor.save_pretrained(str(folder))
+    captioner = fusecap.FuseCapCaptioner(fusecap.FuseCapCaptioner.spec_for_path(folder), workdir)
+    captioner.load(device, dtype)
+    # The demo's model and processor: transformers' own, read from the same folder as on the model card.
+    del model
+    model = BlipForConditionalGeneration.from_pretrained(str(folder)).eval().to(device, dtype)
+    processor = BlipProcessor.from_pretrained(str(folder))
     images = photos(args.images)
-
-    spec = fusecap.PRESETS[0]
-    captioner = fusecap.FuseCapCaptioner(spec, workdir)
-    captioner.model, captioner.processor, captioner.device, captioner.dtype = model, processor, device, dtype
 
     def demo_loop():
         out = []
