@@ -137,4 +137,6 @@ def sample_seeded(gpt, tokenizer, prompt: str, seed: int, candidate: int, max_le
         if token == eos:
             break
         ids.append(token)
-    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    # The pipeline's clean-up, which transformers 5 no longer applies to GPT-2 tokenizers by itself.
+    return tokenizer.clean_up_tokenization(tokenizer.decode(ids, skip_special_tokens=True,
+                                                            clean_up_tokenization_spaces=False))

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from captioners.errors import MissingWeightsError, UnsafeCheckpointError
-from captioners.families.sbg import load_gpt2, parse_caption
+from captioners.families.sbg import decode_like_the_pipeline, load_gpt2, parse_caption
 from captioners.families.sbg_keywords import prompt_for, select_keywords
 from captioners.registry import available_models, create_captioner
 from captioners.weights import Asset, ensure_asset, load_plain_pickle
@@ -116,6 +116,13 @@ def test_captions_match_the_reference_for_a_seed(sbg, reference, sbg_images):
         candidates = [parse(sample_seeded(gpt, tokenizer, prompt, SEED, j)) for j in range(5)]
         assert caption == ref.choose(embedding, candidates)
     assert all(c.endswith(" .") for c in got)
+
+
+def test_guesses_are_cleaned_up_as_the_pipeline_did_in_every_transformers_version(reference):
+    tokenizer = reference[3]
+    ids = tokenizer.encode("dog , grass ### a dog 's ball , it is n't red .")
+    assert decode_like_the_pipeline(tokenizer, ids) == "dog, grass ### a dog's ball, it isn't red."
+    assert parse_caption(decode_like_the_pipeline(tokenizer, ids)) == "a dog's ball, it isn't red ."
 
 
 def test_a_seeded_caption_does_not_depend_on_the_batch(sbg, sbg_images):

@@ -228,8 +228,22 @@ class SbgCaptioner(Captioner):
             new = new[:limit]
             if eos in new:
                 new = new[:new.index(eos)]
-            texts.append(self.tokenizer.decode(ids + new, skip_special_tokens=True, clean_up_tokenization_spaces=True))
+            texts.append(decode_like_the_pipeline(self.tokenizer, ids + new))
         return texts
+
+
+# The English clean-up that transformers 4.x's text-generation pipeline applied to the ICG
+# extension's output ("a dog 's ball , grass" -> "a dog's ball, grass"). transformers 5 skips it
+# for GPT-2's tokenizer, so it is done here: the same captions under every version.
+CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+            (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def decode_like_the_pipeline(tokenizer: Any, ids: list[int]) -> str:
+    text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    for old, new in CLEAN_UP:
+        text = text.replace(old, new)
+    return text
 
 
 def after_separator(text: str) -> str:
