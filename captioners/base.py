@@ -101,8 +101,8 @@ class Captioner(ABC):
         """Drop every reference to model modules and tensors."""
 
     @abstractmethod
-    def preprocessor(self) -> Callable[[Image.Image], torch.Tensor]:
-        """A picklable PIL -> tensor function, safe to run in DataLoader workers (after load)."""
+    def _preprocessor(self) -> Callable[[Image.Image], torch.Tensor]:
+        """The loaded model's own PIL -> tensor function (see :meth:`preprocessor`)."""
 
     @abstractmethod
     def caption_pixels(self, pixels: torch.Tensor, options: DecodingOptions) -> list[str]:
@@ -113,6 +113,12 @@ class Captioner(ABC):
         raise CaptionerError(f"{type(self).__name__} cannot be moved between devices.")
 
     # ---- shared behaviour -------------------------------------------------------------------
+    def preprocessor(self) -> Callable[[Image.Image], torch.Tensor]:
+        """A picklable PIL -> tensor function, safe to run in DataLoader workers (after load)."""
+        if not self.loaded:
+            raise CaptionerError(f"Load {self.spec.id} before asking for its preprocessing.")
+        return self._preprocessor()
+
     @property
     def loaded(self) -> bool:
         return self.device is not None

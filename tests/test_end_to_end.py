@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
+from captioners.errors import CaptionerError
 from captioners.registry import available_models, create_captioner
 from tests.reference_decoding import reference_greedy
 
@@ -68,6 +70,8 @@ def test_unload_frees_the_model(icg_checkpoint, load_tiny):
     captioner = load_tiny(icg_checkpoint.path)
     captioner.unload()
     assert not captioner.loaded and captioner.model is None and captioner.clip is None
+    with pytest.raises(CaptionerError, match="Load .* before asking for its preprocessing"):
+        captioner.preprocessor()  # the batch engine asks for it before any caption; it needs the model
 
 
 def test_cli_captions_a_folder(icg_checkpoint, tiny_clip, tokenizer_dir, photos, load_tiny, tmp_path):

@@ -201,9 +201,7 @@ class ClipPrefixCaptioner(Captioner):
         self.model.to(device)
         self.clip.to(device)
 
-    def preprocessor(self) -> Callable[[Image.Image], torch.Tensor]:
-        if self.clip is None:
-            raise CaptionerError("Load the model before asking for its preprocessing.")
+    def _preprocessor(self) -> Callable[[Image.Image], torch.Tensor]:
         return self.clip.preprocess
 
     def caption_pixels(self, pixels: torch.Tensor, options: DecodingOptions) -> list[str]:

@@ -165,9 +165,7 @@ class FuseCapCaptioner(Captioner):
     def _move(self, device: torch.device) -> None:
         self.model.to(device)
 
-    def preprocessor(self) -> Callable[[Image.Image], torch.Tensor]:
-        if self.processor is None:
-            raise CaptionerError("Load the model before asking for its preprocessing.")
+    def _preprocessor(self) -> Callable[[Image.Image], torch.Tensor]:
         return BlipPixels(self.processor.image_processor)
 
     def caption_pixels(self, pixels: torch.Tensor, options: DecodingOptions) -> list[str]:

@@ -165,9 +165,7 @@ class SbgCaptioner(Captioner):
         self.clip.to(device)
         self.store.to(device)
 
-    def preprocessor(self) -> Callable[[Image.Image], torch.Tensor]:
-        if self.clip is None:
-            raise CaptionerError("Load the model before asking for its preprocessing.")
+    def _preprocessor(self) -> Callable[[Image.Image], torch.Tensor]:
         return self.clip.preprocess
 
     # ---- captioning -------------------------------------------------------------------------------
