@@ -10,6 +10,9 @@ import torch
 
 from tests import tiny_models
 
+# Fixtures of the stand-in WebUI (webui, client, tiny_models_dir), shared by several test modules.
+pytest_plugins = ("tests.webui_host",)
+
 # Tests never touch the network: any download attempt must fail fast.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 from pathlib import Path
 
 import pytest
-from fastapi import FastAPI
-from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.webui_host import TINY, webui  # noqa: F401  (fixture)
+from tests.webui_host import TINY, start_webui
 
 ROOT = Path(__file__).resolve().parents[1]
 # The routes do not depend on the host's flavour (that is tested in test_webui_adapter.py).
@@ -23,28 +20,6 @@ def b64(path: Path, fmt: str = "PNG") -> str:
     buffer = io.BytesIO()
     Image.open(path).save(buffer, fmt)
     return base64.b64encode(buffer.getvalue()).decode()
-
-
-def start_webui(webui, api=True, api_auth=None):
-    """Load the extension, build the settings, and call on_app_started with a FastAPI app."""
-    spec = importlib.util.spec_from_file_location("captioners_webui.py", ROOT / "scripts" / "captioners_webui.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    webui.script_callbacks.ui_settings_callback()
-    webui.shared.opts.set("captioners_model", TINY)
-    cmd_opts = webui.shared.cmd_opts
-    cmd_opts.api, cmd_opts.api_auth = api, api_auth
-    app = FastAPI()
-    webui.script_callbacks.app_started_callback(None, app)
-    assert webui.script_callbacks.errors == []
-    return script.extension, TestClient(app)
-
-
-@pytest.fixture()
-def client(webui):
-    extension, client = start_webui(webui)
-    yield client
-    webui.shared.cmd_opts.api, webui.shared.cmd_opts.api_auth = True, None
 
 
 def test_models_lists_every_id_with_its_files(client):

@@ -8,8 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.test_api import client  # noqa: F401  (fixture)
-from tests.webui_host import TINY, webui  # noqa: F401  (fixture)
+from tests.webui_host import TINY
 
 pytestmark = pytest.mark.parametrize("webui", ["a1111"], indirect=True)
 

@@ -21,7 +21,7 @@ from captioners.ui import build_tab, render
 from captioners.ui.controls import decoding_mapping, model_choices, refresh_models
 from captioners.ui.local_paths import save_paths, show_paths
 from captioners.ui.tab import caption_image, download_model, unload_model
-from tests.webui_host import TINY, tiny_models_dir  # noqa: F401  (fixture)
+from tests.webui_host import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 

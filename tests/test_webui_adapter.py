@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.webui_host import TINY, tiny_models_dir, webui  # noqa: F401  (fixtures)
+from tests.webui_host import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "captioners_webui.py"

@@ -1,9 +1,11 @@
-"""Fixtures for the WebUI adapter, the service and the UI: a stand-in WebUI (``tests/fake_webui``)
-and a models folder whose ``tiny`` preset runs the tiny test models offline."""
+"""Fixtures for the WebUI adapter, the service, the API and the UI: a stand-in WebUI
+(``tests/fake_webui``), a models folder whose ``tiny`` preset runs the tiny test models offline, and
+an API client. Registered as a pytest plugin in conftest.py, so tests use them without imports."""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
 FAKE = Path(__file__).resolve().parent / "fake_webui"
 FAKE_PACKAGES = ("modules", "modules_forge", "backend", "ldm_patched")
 TINY = "tiny"
@@ -63,3 +66,29 @@ def webui(request, monkeypatch, tmp_path, icg_checkpoint, clip_overrides):
         modules.memory = importlib.import_module(manager)
     yield modules
     _purge()
+
+
+def start_webui(webui, api=True, api_auth=None):
+    """Load the extension, build the settings, and call on_app_started with a FastAPI app."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    spec = importlib.util.spec_from_file_location("captioners_webui.py", ROOT / "scripts" / "captioners_webui.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    webui.script_callbacks.ui_settings_callback()
+    webui.shared.opts.set("captioners_model", TINY)
+    cmd_opts = webui.shared.cmd_opts
+    cmd_opts.api, cmd_opts.api_auth = api, api_auth
+    app = FastAPI()
+    webui.script_callbacks.app_started_callback(None, app)
+    assert webui.script_callbacks.errors == []
+    return script.extension, TestClient(app)
+
+
+@pytest.fixture()
+def client(webui):
+    """A TestClient on the API routes the extension mounted in the stand-in WebUI."""
+    extension, client = start_webui(webui)
+    yield client
+    webui.shared.cmd_opts.api, webui.shared.cmd_opts.api_auth = True, None
