@@ -234,38 +234,65 @@ def reorder_self_attention_only(past: Any, beam_idx: torch.Tensor) -> Any:
     return tuple(tuple(t.index_select(0, beam_idx.to(t.device)) for t in layer) for layer in past)
 
 
+class RepeatedRows:
+    """How many consecutive rows of an encoder-states tensor are copies of one image, checked once.
+
+    generate() repeats each image's states once per beam with ``repeat_interleave``; that is
+    verified rather than assumed (one comparison per call, shared by all layers), so a transformers
+    version that lays the rows out otherwise gets plain projections instead of wrong captions.
+    """
+
+    def __init__(self, expected: int):
+        self.expected = expected
+        self.source: torch.Tensor | None = None
+        self.count = 1
+
+    def of(self, states: torch.Tensor) -> int:
+        if states is not self.source:
+            self.source, self.count = states, 1
+            rows = self.expected
+            if rows > 1 and states.shape[0] % rows == 0:
+                grouped = states.unflatten(0, (-1, rows))
+                self.count = rows if bool((grouped == grouped[:, :1]).all()) else 1
+        return self.count
+
+
 class ProjectedOnce(nn.Module):
     """A cross-attention key or value projection that computes each image's result once per generate.
 
-    generate() repeats every image's encoder states once per beam (``repeat_interleave``), and
-    transformers 4.x projects them again at every step, for every beam: on a CPU that was most of
-    FuseCap's decoding time. The input is the same tensor object at every step, so it is projected
-    once, from one row per image, and the result reused while that object comes back.
+    generate() repeats every image's encoder states once per beam, and transformers 4.x projects
+    them again at every step, for every beam: on a CPU that was most of FuseCap's decoding time.
+    The input is the same tensor object at every step, so it is projected once, from one row per
+    image, and the result reused while that object comes back.
     """
 
-    def __init__(self, linear: nn.Linear, rows_per_image: int):
+    def __init__(self, linear: nn.Linear, repeats: RepeatedRows):
         super().__init__()
         self.linear = linear
-        self.rows_per_image = rows_per_image
+        self.repeats = repeats
         self.source: torch.Tensor | None = None  # held, so its id cannot be reused by another tensor
         self.result: torch.Tensor | None = None
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         if states is not self.source:
-            per_image = self.linear(states[::self.rows_per_image])
-            self.source, self.result = states, per_image.repeat_interleave(self.rows_per_image, dim=0)
+            rows = self.repeats.of(states)
+            projected = self.linear(states[::rows])
+            self.source, self.result = states, projected if rows == 1 else projected.repeat_interleave(rows, dim=0)
         return self.result
 
 
 @contextmanager
 def cross_attention_projected_once(decoder: nn.Module, rows_per_image: int) -> Iterator[None]:
     """Swap :class:`ProjectedOnce` into every cross-attention layer of a BLIP text decoder, for one call."""
+    repeats = RepeatedRows(rows_per_image)
     swapped = []
     for layer in decoder.bert.encoder.layer:
         attention = layer.crossattention.self
         for name in ("key", "value"):
             linear = getattr(attention, name)
-            setattr(attention, name, ProjectedOnce(linear, rows_per_image))
+            # Another thread's call may have its wrapper in place: wrap (and later restore) the plain module.
+            linear = linear.linear if isinstance(linear, ProjectedOnce) else linear
+            setattr(attention, name, ProjectedOnce(linear, repeats))
             swapped.append((attention, name, linear))
     try:
         yield
