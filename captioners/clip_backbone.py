@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -41,6 +41,15 @@ class ClipSpec:
     @property
     def label(self) -> str:
         return f"{self.arch} ({Path(self.weights).name if self.weights_is_file() else self.weights})"
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "ClipSpec":
+        """This spec with the CLIP options a user gave (``clip_arch``, ``clip_weights``, ``clip_config``)."""
+        changes = {field: overrides[key] for key, field in CLIP_OVERRIDES if overrides.get(key)}
+        return replace(self, **changes) if changes else self
+
+
+# User options (CLI --clip-arch etc., presets.json keys) -> ClipSpec fields.
+CLIP_OVERRIDES = (("clip_arch", "arch"), ("clip_weights", "weights"), ("clip_config", "config"))
 
 
 class ClipBackbone:

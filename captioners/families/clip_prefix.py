@@ -155,11 +155,10 @@ class ClipPrefixCaptioner(Captioner):
             changes["weights"] = Asset(str(Path(overrides["weights"]).expanduser().resolve()))
         if overrides.get("tokenizer"):
             changes["tokenizer"] = tokenizer_asset(overrides["tokenizer"])
-        clip_changes = {field: overrides[key] for key, field in
-                        (("clip_arch", "arch"), ("clip_weights", "weights"), ("clip_config", "config"))
-                        if overrides.get(key)}
-        if clip_changes:
-            changes["clip"] = replace(config.clip or ClipSpec(), **clip_changes)
+        base = config.clip or ClipSpec()
+        clip = base.with_overrides(overrides)
+        if clip is not base:  # only when the user named a CLIP option
+            changes["clip"] = clip
         for key in ("normalize", "postprocess", "gpt_heads", "mapper_heads"):
             if overrides.get(key) is not None:
                 changes[key] = overrides[key]

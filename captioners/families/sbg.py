@@ -120,11 +120,7 @@ class SbgCaptioner(Captioner):
         if overrides.get("vocabulary"):
             changes["labels"] = _vocabulary_file(LABELS_FILE, overrides["vocabulary"])
             changes["encyclopedia"] = _vocabulary_file(ENCYCLOPEDIA_FILE, overrides["vocabulary"])
-        clip_changes = {field: overrides[key] for key, field in
-                        (("clip_arch", "arch"), ("clip_weights", "weights"), ("clip_config", "config"))
-                        if overrides.get(key)}
-        if clip_changes:
-            changes["clip"] = replace(config.clip, **clip_changes)
+        changes["clip"] = config.clip.with_overrides(overrides)
         return replace(spec, config=replace(config, **changes))
 
     @property
