@@ -4,9 +4,9 @@ Full-size models with random weights, no download:
 
 - FuseCap: BLIP-base (ViT-B/16 at 384 px + BERT-base decoder), saved to a folder like the hub
   repo's. The per-image loop is the model card's demo (``from_pretrained`` of that folder, processor
-  + ``generate(num_beams=3, max_length=60)`` per image); the batched path is a
-  ``FuseCapCaptioner`` loaded from the same folder the way users' models load, one batch at a time. Random weights give near-uniform
-  next-token distributions, on which beam search either stops at once or never: the output
+  + ``generate(num_beams=3, max_length=60)`` per image); the batched path is a ``FuseCapCaptioner``
+  loaded from the same folder the way users' models load, one batch at a time. Random weights give
+  near-uniform next-token distributions, on which beam search either stops at once or never: the output
   embeddings are scaled up (peaked distributions, like a trained model's) and [SEP] gets a bias, so
   captions end after a realistic number of tokens instead of at 0 or 56.
 - SBG: open_clip ViT-L-14 + GPT-2 small. The per-image path is the ICG extension's: label lists

@@ -174,19 +174,19 @@ class FuseCapCaptioner(Captioner):
         batch = pixels.shape[0]
         # What BLIP's generate does, in every supported version: [DEC] replaces [CLS], the trailing
         # [SEP] goes. Done here so that the image encoding can be split (see encode_images).
+        text_config = self.model.config.text_config
         input_ids = prompt_ids[:, :-1].repeat(batch, 1).to(self.device)
-        input_ids[:, 0] = self.model.config.text_config.bos_token_id
+        input_ids[:, 0] = text_config.bos_token_id
         arguments = self.generate_arguments(options, batch, input_ids.shape[1])
         decoder = self.model.text_decoder
-        with torch.inference_mode(), cross_attention_projected_once(decoder, arguments["num_beams"]):
+        with torch.inference_mode():
             image_embeds = self.encode_images(pixels.to(self.device, self.dtype))
-            out = decoder.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                encoder_hidden_states=image_embeds,
-                encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device),
-                eos_token_id=self.model.config.text_config.sep_token_id,
-                pad_token_id=self.model.config.text_config.pad_token_id,
-                **arguments)
+            with cross_attention_projected_once(decoder, arguments["num_beams"]):
+                out = decoder.generate(
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                    encoder_hidden_states=image_embeds,
+                    encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device),
+                    eos_token_id=text_config.sep_token_id, pad_token_id=text_config.pad_token_id, **arguments)
         if not options.keep_prompt:
             out = out[:, input_ids.shape[1]:]  # the caption starts with its content, not with "a picture of"
         texts = self.processor.tokenizer.batch_decode(out, skip_special_tokens=True)
