@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from captioners.errors import MissingWeightsError, UnknownModelError
-from captioners.families.fusecap import ProjectedOnce, RepeatedRows, cross_attention_projected_once
-from captioners.registry import available_models, create_captioner, get_spec
+from captioners.families.fusecap import ProjectedOnce, RepeatedRows, cross_attention_projected_once, strip_prompt
+from captioners.registry import available_models, create_captioner, get_spec, model_rows
 from tests import tiny_blip
 from captioners.cli import main as cli_main
 
@@ -190,3 +190,117 @@ def test_both_hub_ids_share_one_folder(models_dir):
     other = create_captioner(spec, models_dir, {"weights": "noamrot/FuseCap_Image_Captioning"}).spec
     assert other.config.weights.repo_id == "noamrot/FuseCap_Image_Captioning"
     assert other.config.weights.local == spec.config.weights.local == "fusecap/FuseCap"
+
+
+@pytest.fixture(scope="session")
+def word_piece_blip(assets_dir):
+    """A tiny BLIP whose likeliest token is the WordPiece continuation ``##s``: its first new token
+    always continues the prompt's last word ("a picture of" + "##s" is printed "a picture ofs")."""
+    folder = assets_dir / "blip-word-piece"
+    tiny_blip.build_blip(folder, biased={"##s": 10.0, "##ing": 0.0})
+    return folder
+
+
+@pytest.mark.parametrize("options, generate_args", [
+    # A repetition penalty lets ##s win the first step only: ordinary words follow the merged one.
+    ({"strategy": "greedy", "max_new_tokens": 8, "repetition_penalty": 100.0},
+     {"num_beams": 1, "do_sample": False, "max_new_tokens": 8, "repetition_penalty": 100.0}),
+    ({}, {"num_beams": 3, "max_length": 60}),  # the preset: ##s all along
+])
+def test_a_caption_that_continues_the_prompt_keeps_its_first_word(word_piece_blip, blip_images, models_dir,
+                                                                   options, generate_args):
+    card = [c.strip() for c in demo_loop(word_piece_blip, blip_images, **generate_args)]
+    assert all(c.startswith("a picture ofs") for c in card), card  # the case under test did happen
+    captioner = load_fusecap(word_piece_blip, models_dir)
+    assert captioner.caption(blip_images, {**options, "keep_prompt": True}) == card
+    stripped = captioner.caption(blip_images, options)
+    # The card's text less the prompt's words; the last one merged with the caption's first token.
+    assert stripped == [c[len("a picture "):] for c in card]
+    assert all(c.startswith("ofs") and "##" not in c for c in stripped)
+
+
+@pytest.mark.parametrize("text, prompt, caption", [
+    ("a picture of a dog runs", "a picture of", "a dog runs"),
+    ("a picture of. a dog", "a picture of", ". a dog"),  # punctuation is no continuation
+    ("a picture ofs beach", "a picture of", "ofs beach"),  # "##s" continued "of"
+    ("a picture of", "a picture of", ""),
+    ("a dog's ball", "a dog '", "dog's ball"),  # decoding joined "' s" across the boundary
+    ("a dog runs", "", "a dog runs"),
+])
+def test_the_prompt_is_stripped_at_a_word_boundary(text, prompt, caption):
+    assert strip_prompt(text, prompt) == caption
+
+
+def save_like_transformers_5(source, folder):
+    """``source`` as transformers 5's save_pretrained writes it: tokenizer.json and no vocab.txt."""
+    import shutil
+
+    from transformers import BlipProcessor
+
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(source / name, folder / name)
+    processor = BlipProcessor.from_pretrained(str(source))
+    assert processor.tokenizer.is_fast  # so that every version writes tokenizer.json
+    processor.save_pretrained(str(folder))
+    for name in ("vocab.txt", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    assert (folder / "tokenizer.json").is_file()
+    return folder
+
+
+def test_a_folder_with_tokenizer_json_and_no_vocab_txt_loads(blip_dirs, blip_images, models_dir, tmp_path):
+    folder = save_like_transformers_5(blip_dirs["safetensors"], tmp_path / "saved-by-5")
+    spec = get_spec(str(folder), models_dir)
+    [row] = model_rows(models_dir, [spec])
+    assert row.files[0].present and spec.config.weights.is_present(models_dir)
+    captioner = create_captioner(str(folder), models_dir).load("cpu")
+    reference = create_captioner(str(blip_dirs["safetensors"]), models_dir).load("cpu")
+    for options in (SHORT, {**SHORT, "keep_prompt": True}):
+        assert captioner.caption(blip_images, options) == reference.caption(blip_images, options)
+
+
+DOWNLOAD_AND_CAPTION = """
+import json, sys
+from pathlib import Path
+import torch
+from PIL import Image
+from captioners.registry import create_captioner, get_spec, model_rows
+torch.set_num_threads(1)
+models, reference, *photos = sys.argv[1:]
+images = [Image.open(p).convert("RGB") for p in photos]
+downloaded = create_captioner("fusecap", Path(models)).load("cpu")
+local = create_captioner(reference, Path(models)).load("cpu")
+print(json.dumps({"present": model_rows(Path(models), [get_spec("fusecap", Path(models))])[0].files[0].present,
+                  "downloaded": downloaded.caption(images, {"max_new_tokens": 10}),
+                  "local": local.caption(images, {"max_new_tokens": 10})}))
+"""
+
+
+def test_a_hub_repo_with_tokenizer_json_and_no_vocab_txt_downloads(blip_dirs, photos, tmp_path):
+    """The real download code against a loopback hub holding a BLIP repo saved by transformers 5."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.fake_hub import FakeHub
+
+    repo = save_like_transformers_5(blip_dirs["safetensors"], tmp_path / "hub")
+    models = tmp_path / "models"
+    models.mkdir()
+    with FakeHub() as hub:
+        for file in repo.iterdir():
+            hub.add("noamrot/FuseCap", file.name, file)
+        # huggingface_hub reads HF_ENDPOINT when it is imported: a fresh interpreter.
+        env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf-home"),
+               "HF_HUB_DISABLE_TELEMETRY": "1", "PATH": "/usr/bin:/bin"}
+        done = subprocess.run([sys.executable, "-c", DOWNLOAD_AND_CAPTION, str(models), str(blip_dirs["safetensors"]),
+                               *map(str, photos[:3])], capture_output=True, text=True, env=env, timeout=300,
+                              cwd=Path(__file__).resolve().parents[1])
+        asked = {request.rsplit("/", 1)[-1] for request in hub.requests}
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"vocab.txt", "tokenizer.json"} <= asked  # vocab.txt first (noamrot/FuseCap has it), then the other
+    assert (models / "fusecap" / "FuseCap" / "tokenizer.json").is_file()
+    assert result["present"] and len(set(result["local"])) > 1
+    assert result["downloaded"] == result["local"]

@@ -9,6 +9,7 @@ vocabulary, so the tokenizer does not know it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -19,10 +20,12 @@ LEGACY_POSITION_IDS = "text_decoder.bert.embeddings.position_ids"
 TIED = ("text_decoder.cls.predictions.decoder.weight", "text_decoder.bert.embeddings.word_embeddings.weight")
 
 
-def build_vocab(folder: Path) -> Path:
+def build_vocab(folder: Path, extra: tuple[str, ...] = ()) -> Path:
+    """BERT-style vocabulary of the caption words; ``extra`` tokens (e.g. WordPiece ``##s``) go last,
+    so that the ids of all other tokens stay the same."""
     words = sorted(set(CAPTION_WORDS.replace(".", " ").split()) | {"picture", "of", "photo"})
     path = folder / "vocab.txt"
-    path.write_text("\n".join((*SPECIALS, ".", ",", *words)) + "\n", encoding="utf-8")
+    path.write_text("\n".join((*SPECIALS, ".", ",", *words, *extra)) + "\n", encoding="utf-8")
     return path
 
 
@@ -38,18 +41,21 @@ def reinitialize(model: torch.nn.Module, seed: int, std: float = 0.4) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
-def build_blip(folder: Path, seed: int = 0, sep_scale: float = 3.0, weights: str = "safetensors"):
+def build_blip(folder: Path, seed: int = 0, sep_scale: float = 3.0, weights: str = "safetensors",
+               biased: Mapping[str, float] | None = None):
     """Save a tiny FuseCap-like folder and return the model.
 
     ``weights``: ``safetensors`` (what save_pretrained writes), ``legacy`` (safetensors plus the
     ``position_ids`` buffer older transformers saved) or ``bin`` (a ``pytorch_model.bin`` holding
     both tied matrices and ``position_ids``, like the 2023 upload). ``sep_scale`` makes [SEP] likely
-    enough that some captions end before the length limit.
+    enough that some captions end before the length limit. ``biased`` adds tokens (such as the
+    WordPiece continuation ``##s``) to the vocabulary, each with that much added to its output bias.
     """
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = BertTokenizer(str(build_vocab(folder)))
+    biased = dict(biased or {})
+    tokenizer = BertTokenizer(str(build_vocab(folder, tuple(biased))))
     vocab = len(tokenizer)
     sep = tokenizer.convert_tokens_to_ids("[SEP]")
     config = BlipConfig(
@@ -64,6 +70,8 @@ def build_blip(folder: Path, seed: int = 0, sep_scale: float = 3.0, weights: str
     predictions, embeddings = model.text_decoder.cls.predictions, model.text_decoder.bert.embeddings
     with torch.no_grad():
         predictions.bias[sep] += sep_scale
+        for token, bias in biased.items():
+            predictions.bias[tokenizer.convert_tokens_to_ids(token)] += bias
         # FuseCap's output matrix equals its word embeddings (transformers 4.x leaves them untied).
         predictions.decoder.weight.copy_(embeddings.word_embeddings.weight)
     processor = BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer)

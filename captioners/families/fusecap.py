@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +39,13 @@ REPO_ID = "noamrot/FuseCap"
 # The model card is served under both ids; they hold the same files, so they share one folder.
 SAME_MODEL = {"noamrot/fusecap", "noamrot/fusecap_image_captioning"}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-REPO_FILES = ("config.json", "preprocessor_config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", *WEIGHT_FILES)
-# transformers 5 saves processor_config.json where older versions (and the hub repo) have preprocessor_config.json.
-REQUIRED = ("config.json", "preprocessor_config.json|processor_config.json", "vocab.txt", "|".join(WEIGHT_FILES))
+# Alternatives of one required group (see REQUIRED) are fetched until one arrives: noamrot/FuseCap's files first.
+REPO_FILES = ("config.json", "preprocessor_config.json", "processor_config.json", "vocab.txt", "tokenizer.json",
+              "tokenizer_config.json", "special_tokens_map.json", *WEIGHT_FILES)
+# transformers 5 saves processor_config.json where older versions (and the hub repo) have preprocessor_config.json,
+# and tokenizer.json without vocab.txt: BlipProcessor loads (a fast tokenizer) from either, in every supported version.
+REQUIRED = ("config.json", "preprocessor_config.json|processor_config.json", "vocab.txt|tokenizer.json",
+            "|".join(WEIGHT_FILES))
 
 # A buffer, persistent in transformers 4.30 (so saved and expected then) and not since: optional both ways.
 LEGACY_KEYS = ("text_decoder.bert.embeddings.position_ids",)
@@ -187,10 +192,13 @@ class FuseCapCaptioner(Captioner):
                     encoder_hidden_states=image_embeds,
                     encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device),
                     eos_token_id=text_config.sep_token_id, pad_token_id=text_config.pad_token_id, **arguments)
-        if not options.keep_prompt:
-            out = out[:, input_ids.shape[1]:]  # the caption starts with its content, not with "a picture of"
-        texts = self.processor.tokenizer.batch_decode(out, skip_special_tokens=True)
-        return [text.strip() for text in texts]
+        # Prompt and caption decoded together, as the model card prints them: decoding the new ids
+        # alone would start a caption whose first token continues the prompt's last word with "##".
+        texts = [text.strip() for text in self.processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        if options.keep_prompt:
+            return texts
+        decoded_prompt = self.processor.tokenizer.decode(input_ids[0], skip_special_tokens=True).strip()
+        return [strip_prompt(text, decoded_prompt) for text in texts]
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """The vision tower's output tokens, a few images at a time on a CPU.
@@ -218,6 +226,24 @@ class FuseCapCaptioner(Captioner):
                                  options.temperature or 1.0)
             args["logits_processor"] = _processor_list(sampler)
         return args
+
+
+WORD_END = re.compile(r"\S*\Z")  # the (maybe empty) word that a string ends with
+
+
+def strip_prompt(text: str, prompt: str) -> str:
+    """The caption in ``text`` (prompt and caption decoded together) without the decoded ``prompt``.
+
+    The caption starts where ``text`` stops agreeing with ``prompt``, at a word boundary: when the
+    first generated token continued the prompt's last word ("a picture of" + "##s" decodes to
+    "a picture ofs"), or decoding changed the text inside the prompt, the caption starts with that
+    whole word ("ofs ...") rather than with a piece of it.
+    """
+    cut = len(os.path.commonprefix([text, prompt]))
+    inside_a_word = 0 < cut < len(text) and text[cut - 1].isalnum() and text[cut].isalnum()
+    if cut < len(prompt) or inside_a_word:
+        cut = WORD_END.search(text, 0, cut).start()  # back to the start of the word being cut
+    return text[cut:].strip()
 
 
 def reorder_self_attention_only(past: Any, beam_idx: torch.Tensor) -> Any:
