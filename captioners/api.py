@@ -9,12 +9,14 @@ missing. Only unexpected failures give 500, and then without a traceback.
 # No "from __future__ import annotations": FastAPI reads the route functions' annotations at run time.
 import base64
 import binascii
-import io
+import json
 import logging
 import secrets
 from typing import Any, Callable, Mapping
 
-from captioners.errors import CaptionerError, MissingWeightsError, UnknownModelError
+from captioners.errors import (CaptionerError, MissingWeightsError, OutputsNotWrittenError, TooLargeError,
+                               UnknownModelError)
+from captioners.images import EncodedImage
 from captioners.service import CaptionService, InputNotFoundError
 
 log = logging.getLogger(__name__)
@@ -35,12 +37,9 @@ def parse_credentials(api_auth: str | None) -> dict[str, str]:
     return credentials
 
 
-def decode_image(data: Any, where: str):
-    """A base64 (or data-URL) string -> an RGB PIL image, or a 400 naming the bad item."""
-    from PIL import Image, UnidentifiedImageError
-
-    from captioners.images import to_rgb
-
+def decode_image(data: Any, where: str) -> EncodedImage:
+    """A base64 (or data-URL) string -> an image checked from its header (decoded later, in the job),
+    or a 400 naming the bad item."""
     if not isinstance(data, str) or not data:
         raise CaptionerError(f"{where} must be a base64-encoded image string.")
     if data.startswith("data:"):
@@ -49,12 +48,18 @@ def decode_image(data: Any, where: str):
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise CaptionerError(f"{where} is not valid base64: {exc}") from exc
+    return EncodedImage(raw, where)
+
+
+def parse_body(body: bytes) -> Any:
+    """The request's JSON, or a one-line 400 (FastAPI's own answer would be a list of validation errors)."""
+    if not body.strip():
+        raise CaptionerError("The request body is empty: send a JSON object.")
     try:
-        with Image.open(io.BytesIO(raw)) as image:
-            image.load()
-            return to_rgb(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise CaptionerError(f"{where} is not an image Pillow can read ({exc}).") from exc
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        reason = str(exc).splitlines()[0] if not isinstance(exc, RecursionError) else "nested too deeply"
+        raise CaptionerError(f"The request body is not valid JSON ({reason}): send a JSON object.") from None
 
 
 def status_of(exc: BaseException) -> int:
@@ -62,6 +67,10 @@ def status_of(exc: BaseException) -> int:
         return 404
     if isinstance(exc, MissingWeightsError):
         return 409
+    if isinstance(exc, TooLargeError):
+        return 413
+    if isinstance(exc, OutputsNotWrittenError):
+        return 507  # Insufficient Storage: the captions are written, some combined output is not
     if isinstance(exc, CaptionerError):
         return 400
     return 500
@@ -127,8 +136,9 @@ def _model(payload: Mapping[str, Any]) -> str | None:
 
 def mount(app: Any, service: CaptionService, api_auth: str | None = None) -> CaptionersApi:
     """Add the routes to a FastAPI app, behind HTTP basic auth when ``api_auth`` is set."""
-    from fastapi import Body, Depends, HTTPException
+    from fastapi import Depends, HTTPException, Request
     from fastapi.security import HTTPBasic, HTTPBasicCredentials
+    from starlette.concurrency import run_in_threadpool
 
     api = CaptionersApi(service)
     credentials = parse_credentials(api_auth)
@@ -155,16 +165,21 @@ def mount(app: Any, service: CaptionService, api_auth: str | None = None) -> Cap
                 raise HTTPException(status, str(exc)) from exc
         return run
 
-    # Plain (non-async) functions: FastAPI runs them in its thread pool, where waiting for the
-    # WebUI's queue lock does not block the server.
+    # The body is read and parsed here (so bad JSON gets the one-line detail); the handler then runs in
+    # the thread pool, where waiting for the WebUI's queue lock does not block the server.
+    def with_body(handler: Callable[[Any], Any]) -> Callable[..., Any]:
+        async def endpoint(request: Request) -> Any:
+            body = await request.body()
+            return await run_in_threadpool(guarded(lambda: handler(parse_body(body))))
+        return endpoint
+
     def models() -> Any:
         return guarded(api.models)()
 
-    def caption(payload: Any = Body(...)) -> Any:
-        return guarded(api.caption)(payload)
-
-    def batch(payload: Any = Body(...)) -> Any:
-        return guarded(api.batch)(payload)
+    caption = with_body(api.caption)
+    caption.__name__ = "caption"
+    batch = with_body(api.batch)
+    batch.__name__ = "batch"
 
     def interrupt() -> Any:
         return guarded(api.interrupt)()

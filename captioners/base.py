@@ -18,8 +18,9 @@ from PIL import Image
 
 from captioners.devices import free_memory, resolve_device, resolve_dtype
 from captioners.errors import CaptionerError
+from captioners.images import EncodedImage, to_rgb
 from captioners.options import DecodingOptions
-from captioners.weights import Asset
+from captioners.weights import Asset, ensure_assets
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,8 @@ class Captioner(ABC):
         if self.loaded and (self.device, self.dtype) == (target, target_dtype):
             return self
         self.unload()
+        # Every file first, all missing ones named in one message (not the first of them after a long load).
+        ensure_assets(type(self).assets(self.spec), self.models_dir, model=self.spec.id)
         log.info("Loading %s on %s (%s)", self.spec.id, target, str(target_dtype).removeprefix("torch."))
         try:
             self._load(target, target_dtype)
@@ -166,15 +169,19 @@ class Captioner(ABC):
             options = DecodingOptions.from_mapping(options)
         return options.merged(self.spec.decoding)
 
-    def caption(self, images: Sequence[Image.Image],
+    def caption(self, images: Sequence[Image.Image | EncodedImage],
                 options: DecodingOptions | Mapping[str, Any] | None = None) -> list[str]:
-        """Caption PIL images (any mode) in one batch."""
+        """Caption PIL images (any mode) or encoded ones in one batch.
+
+        Each image is decoded (if encoded) and preprocessed in turn, so only one full-size image is in
+        memory at a time.
+        """
         if not images:
             return []
+        options = self.decoding_options(options)  # bad options fail before any work
         if not self.loaded:
             self.load()
-        from captioners.images import to_rgb
-
         preprocess = self.preprocessor()
-        pixels = torch.stack([preprocess(to_rgb(image)) for image in images])
-        return self.caption_pixels(pixels, self.decoding_options(options))
+        pixels = torch.stack([preprocess(image.decode() if isinstance(image, EncodedImage) else to_rgb(image))
+                              for image in images])
+        return self.caption_pixels(pixels, options)

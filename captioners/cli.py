@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from captioners.display import display_path
 from captioners.errors import CaptionerError
 
 log = logging.getLogger("captioners")
@@ -155,13 +156,13 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_download(args: argparse.Namespace) -> int:
     from captioners.paths import resolve_models_dir
     from captioners.registry import FAMILIES, get_spec
-    from captioners.weights import ensure_asset
+    from captioners.weights import ensure_assets
 
     models_dir = resolve_models_dir(args.models_dir)
     for model_id in args.models:
         spec = get_spec(model_id, models_dir)
-        for asset in FAMILIES[spec.family].assets(spec):
-            print(f"{model_id}: {ensure_asset(asset, models_dir)}")
+        for path in ensure_assets(FAMILIES[spec.family].assets(spec), models_dir, model=model_id):
+            print(f"{model_id}: {display_path(path)}")
     return 0
 
 

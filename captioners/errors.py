@@ -23,3 +23,11 @@ class CheckpointLayoutError(CaptionerError):
 
 class ImageLoadError(CaptionerError):
     pass
+
+
+class TooLargeError(CaptionerError):
+    """A request asks for more than the configured limits allow (HTTP 413)."""
+
+
+class OutputsNotWrittenError(CaptionerError):
+    """A run captioned images but could not write some of its combined outputs or its report."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import warnings
@@ -107,3 +108,45 @@ def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Im
     except (OSError, SyntaxError, ValueError) as exc:
         reason = "truncated or corrupt image" if "truncated" in str(exc).lower() else str(exc)
         raise ImageLoadError(f"{path}: {reason}") from exc
+
+
+class EncodedImage:
+    """An image a client sent as bytes: its size read from the header, its pixels not decoded yet.
+
+    Decoding waits until the job runs (one image at a time, each dropped once preprocessed), so a
+    request's images never all sit decoded in memory, and sizes are checked before any decoding:
+    a 17 KiB PNG can declare 150 million pixels.
+    """
+
+    def __init__(self, data: bytes, where: str):
+        self.data = data
+        self.where = where
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as image:
+                    self.size: tuple[int, int] = image.size
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise ImageLoadError(f"{where} is not an image Pillow can read ({_reason(exc)}).") from exc
+
+    @property
+    def pixels(self) -> int:
+        return self.size[0] * self.size[1]
+
+    def decode(self) -> Image.Image:
+        """The upright RGB image (see :func:`to_rgb`)."""
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(self.data)) as image:
+                    image.load()
+                    return to_rgb(image)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise ImageLoadError(f"{self.where} is not an image Pillow can read ({_reason(exc)}).") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, UnidentifiedImageError):  # its text names a BytesIO object, no help to anyone
+        return "not a known image format, or damaged"
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return "truncated or corrupt image" if "truncated" in text.lower() else text

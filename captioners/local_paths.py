@@ -14,7 +14,7 @@ from typing import Mapping
 
 from captioners.base import ModelSpec
 from captioners.errors import CaptionerError
-from captioners.registry import FAMILIES, PATH_KEYS, PRESETS_FILE, builtin_specs, spec_from_preset
+from captioners.registry import FAMILIES, PATH_KEYS, PRESETS_FILE, builtin_specs, read_presets_entries, spec_from_preset
 
 
 def path_keys(spec: ModelSpec) -> list[str]:
@@ -23,16 +23,10 @@ def path_keys(spec: ModelSpec) -> list[str]:
 
 
 def read_entries(models_dir: Path) -> dict[str, dict]:
-    path = models_dir / PRESETS_FILE
-    if not path.is_file():
-        return {}
     try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CaptionerError(f"Cannot read {path} ({exc}); fix or remove it first.") from exc
-    if not isinstance(entries, dict):
-        raise CaptionerError(f"{path} must hold a JSON object of presets; fix or remove it first.")
-    return entries
+        return read_presets_entries(models_dir)
+    except CaptionerError as exc:
+        raise CaptionerError(f"{exc} Nothing was saved: fix or remove it first.") from None
 
 
 def current_paths(models_dir: Path, spec: ModelSpec) -> dict[str, str]:

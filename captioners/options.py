@@ -1,7 +1,10 @@
-"""Decoding options shared by every model family.
+"""Decoding options shared by every model family, and the one table of limits every option obeys.
 
 A field left at ``None`` means "use the model's default"; :meth:`DecodingOptions.merged` fills the
 gaps from a preset's defaults. Families read only the fields that apply to them.
+
+:data:`LIMITS` is where every numeric option (decoding, batch size, workers...) gets its type and
+range, so the command line, the tab and the API refuse the same values with the same message.
 """
 
 from __future__ import annotations
@@ -12,6 +15,61 @@ from typing import Any, Mapping
 from captioners.errors import CaptionerError
 
 STRATEGIES = ("greedy", "beam", "sample")
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A numeric option: whole numbers or not, and its inclusive range (``low_open``: above ``low``)."""
+
+    integer: bool
+    low: float
+    high: float
+    low_open: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "a whole number" if self.integer else "a number"
+
+    @property
+    def range(self) -> str:
+        low = f"above {self.low:g}" if self.low_open else f"at least {self.low:g}"
+        return f"{low} and at most {self.high:g}"
+
+
+# Beyond these no caption gets better and memory or time explode (a million beams is 500 GB of cache).
+LIMITS: dict[str, Limit] = {
+    "num_beams": Limit(True, 1, 32),
+    "max_new_tokens": Limit(True, 1, 1024),
+    "min_new_tokens": Limit(True, 0, 1024),
+    "temperature": Limit(False, 0, 100, low_open=True),
+    "top_p": Limit(False, 0, 1, low_open=True),
+    "top_k": Limit(True, 1, 1_000_000),
+    "repetition_penalty": Limit(False, 0, 100, low_open=True),
+    "seed": Limit(True, 0, 2**63 - 1),
+    "num_candidates": Limit(True, 1, 64),
+    "batch_size": Limit(True, 1, 1024),
+    "workers": Limit(True, 0, 64),
+    "max_tokens": Limit(True, 0, 100_000),
+}
+TEXT_OPTIONS = {"strategy", "prompt"}
+FLAG_OPTIONS = {"keep_prompt", "postprocess"}
+MAX_PROMPT_CHARS = 1000
+
+
+def checked_number(name: str, value: Any) -> int | float:
+    """``value`` as the number option ``name`` takes, or a CaptionerError saying what it must be."""
+    limit = LIMITS[name]
+    number = value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        number = None
+    elif limit.integer and isinstance(value, float):
+        number = int(value) if value.is_integer() else None
+    if number is None or number != number:  # not a number, a fraction for a whole-number option, or NaN
+        raise CaptionerError(f"{name} must be {limit.kind} (got {value!r}).")
+    too_low = number <= limit.low if limit.low_open else number < limit.low
+    if too_low or number > limit.high:
+        raise CaptionerError(f"{name} must be {limit.range} (got {value!r}).")
+    return number
 
 
 @dataclass(frozen=True)
@@ -37,17 +95,25 @@ class DecodingOptions:
         return DecodingOptions(**filled).validated()
 
     def validated(self) -> "DecodingOptions":
+        """These options with numbers in their types; a CaptionerError for any wrong type or range."""
+        changes = {}
+        for name in LIMITS.keys() & {f.name for f in fields(self)}:
+            value = getattr(self, name)
+            if value is not None:
+                changes[name] = checked_number(name, value)
+        for name in TEXT_OPTIONS:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise CaptionerError(f"{name} must be text (got {value!r}).")
+        for name in FLAG_OPTIONS:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise CaptionerError(f"{name} must be true or false (got {value!r}).")
         if self.strategy is not None and self.strategy not in STRATEGIES:
             raise CaptionerError(f"Unknown decoding strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}.")
-        for name in ("num_beams", "max_new_tokens", "num_candidates"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise CaptionerError(f"{name} must be at least 1 (got {value}).")
-        if self.temperature is not None and self.temperature <= 0:
-            raise CaptionerError(f"temperature must be above 0 (got {self.temperature}).")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise CaptionerError(f"top_p must be in (0, 1] (got {self.top_p}).")
-        return self
+        if self.prompt is not None and len(self.prompt) > MAX_PROMPT_CHARS:
+            raise CaptionerError(f"prompt must be at most {MAX_PROMPT_CHARS} characters (got {len(self.prompt)}).")
+        return replace(self, **changes) if changes else self
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -55,11 +121,14 @@ class DecodingOptions:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> "DecodingOptions":
         """Build from user input (JSON, API, UI), rejecting unknown names with a clear message."""
+        if data is not None and not isinstance(data, Mapping):
+            raise CaptionerError(f"Decoding options must be an object of option names and values, not {data!r}.")
         data = dict(data or {})
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
-            raise CaptionerError(f"Unknown decoding option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
+            raise CaptionerError(f"Unknown decoding option(s) {', '.join(map(str, unknown))}; "
+                                 f"known: {', '.join(sorted(known))}.")
         return cls(**{k: v for k, v in data.items() if v is not None}).validated()
 
     def replace(self, **changes: Any) -> "DecodingOptions":

@@ -114,27 +114,72 @@ def create_captioner(model: str | ModelSpec, models_dir: Path,
     return cls(cls.apply_overrides(spec, overrides), models_dir)
 
 
-def _read_presets_file(models_dir: Path, base_specs: Mapping[str, ModelSpec]) -> list[ModelSpec]:
+def read_presets_entries(models_dir: Path) -> dict[str, Any]:
+    """The raw entries of ``<models>/presets.json`` ({} when there is none); a CaptionerError saying
+    what is wrong with a file that is not a JSON object of presets."""
     path = models_dir / PRESETS_FILE
     if not path.is_file():
-        return []
+        return {}
     try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        log.warning("Ignoring %s: %s", path, exc)
+        entries = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except OSError as exc:
+        raise CaptionerError(f"Cannot read {path} ({exc.strerror or exc}).") from None
+    except UnicodeDecodeError as exc:
+        raise CaptionerError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8.") from None
+    except RecursionError:
+        raise CaptionerError(f"{path} is nested too deeply to be a presets file.") from None
+    except ValueError as exc:  # JSONDecodeError, and Python's limit on huge integers
+        raise CaptionerError(f"{path} is not valid JSON ({str(exc).splitlines()[0]}).") from None
+    if not isinstance(entries, dict):
+        raise CaptionerError(f"{path} must hold a JSON object of presets {{\"id\": {{...}}}}, "
+                             f"not a {type(entries).__name__}.")
+    return entries
+
+
+def _read_presets_file(models_dir: Path, base_specs: Mapping[str, ModelSpec]) -> list[ModelSpec]:
+    """Presets from the file; a broken file or entry is skipped with a warning, never an error, so that
+    every command (``models`` above all) still works and says what to fix."""
+    try:
+        entries = read_presets_entries(models_dir)
+    except CaptionerError as exc:
+        log.warning("Ignoring the presets file: %s", exc)
         return []
     specs = []
-    for model_id, entry in (entries.items() if isinstance(entries, dict) else []):
+    for model_id, entry in entries.items():
         try:
             specs.append(spec_from_preset(model_id, entry, models_dir, base_specs))
-        except (CaptionerError, TypeError, ValueError) as exc:
-            log.warning("Ignoring preset %r in %s: %s", model_id, path, exc)
+        except (CaptionerError, TypeError, ValueError, OSError) as exc:
+            log.warning("Ignoring preset %r in %s: %s", model_id, models_dir / PRESETS_FILE, exc)
     return specs
+
+
+# Every key a preset may have and its JSON type; the family then checks which overrides it takes.
+PRESET_FIELDS: dict[str, type] = {
+    "base": str, "family": str, "description": str, "decoding": dict,
+    "weights": str, "tokenizer": str, "clip_weights": str, "clip_config": str, "vocabulary": str, "clip_arch": str,
+    "postprocess": str, "normalize": bool, "gpt_heads": int, "mapper_heads": int,
+}
+JSON_TYPE_NAMES = {str: "text", dict: "an object", bool: "true or false", int: "a whole number"}
+
+
+def _checked_preset(entry: Any) -> dict[str, Any]:
+    if not isinstance(entry, dict):
+        raise CaptionerError(f"a preset must be an object of settings, not {json.dumps(entry)[:40]}")
+    unknown = sorted(set(entry) - set(PRESET_FIELDS))
+    if unknown:
+        raise CaptionerError(f"unknown key(s) {', '.join(unknown)}; known: {', '.join(PRESET_FIELDS)}")
+    for key, value in entry.items():
+        kind = PRESET_FIELDS[key]
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise CaptionerError(f"{key!r} must be {JSON_TYPE_NAMES[kind]} (got {json.dumps(value)[:40]})")
+        if kind is int and value is not None and not 1 <= value <= 1024:
+            raise CaptionerError(f"{key!r} must be between 1 and 1024 (got {value})")
+    return {k: v for k, v in entry.items() if v is not None}
 
 
 def spec_from_preset(model_id: str, entry: Mapping[str, Any], models_dir: Path,
                      base_specs: Mapping[str, ModelSpec]) -> ModelSpec:
-    entry = dict(entry)
+    entry = _checked_preset(entry)
     base, family = entry.pop("base", None), entry.pop("family", None)
     decoding = DecodingOptions.from_mapping(entry.pop("decoding", None))
     description = entry.pop("description", "")

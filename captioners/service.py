@@ -21,7 +21,8 @@ from PIL import Image
 
 from captioners.base import Captioner, ModelSpec
 from captioners.devices import free_memory, resolve_device
-from captioners.errors import CaptionerError
+from captioners.errors import CaptionerError, TooLargeError
+from captioners.images import EncodedImage
 from captioners.options import DecodingOptions
 
 if TYPE_CHECKING:  # the registry imports transformers: loaded at first use, not with the WebUI
@@ -36,6 +37,12 @@ class InputNotFoundError(CaptionerError):
     """A folder or file named in a job does not exist."""
 
 
+# Images sent to the API: pixels per image and per request. A decoded pixel costs 3-4 bytes, several
+# times over while it is converted, so these keep one request within a few GB of RAM.
+MAX_IMAGE_MPIXELS = 64
+MAX_REQUEST_MPIXELS = 256
+
+
 @dataclass(frozen=True)
 class Settings:
     models_dir: Path
@@ -44,6 +51,8 @@ class Settings:
     dtype: str = "auto"             # auto (fp16 on CUDA) | fp16 | bf16 | fp32
     after_use: str = "keep"         # one of AFTER_USE
     decoding: DecodingOptions = field(default_factory=DecodingOptions)
+    max_image_mpixels: float = MAX_IMAGE_MPIXELS      # encoded images (the API): per image
+    max_request_mpixels: float = MAX_REQUEST_MPIXELS  # and all images of one request together
 
 
 class Host:
@@ -117,7 +126,7 @@ class CaptionService:
     def download(self, model: str | None = None) -> Iterator[str]:
         """Fetch a model's missing files, yielding a line per file (for a progress display)."""
         from captioners.registry import FAMILIES
-        from captioners.weights import ensure_asset
+        from captioners.weights import ensure_assets
 
         spec = self.spec(model)
         models_dir = self.settings().models_dir
@@ -128,16 +137,18 @@ class CaptionService:
                 yield f"{number}/{len(assets)} present: {where}"
                 continue
             yield f"{number}/{len(assets)} downloading {asset.source()} -> {where}"
-            ensure_asset(asset, models_dir)
+            ensure_assets([asset], models_dir, model=spec.id)
             yield f"{number}/{len(assets)} done: {where}"
 
     # ---- captioning -----------------------------------------------------------------------------
-    def caption(self, images: Sequence[Image.Image], model: str | None = None,
+    def caption(self, images: Sequence[Image.Image | EncodedImage], model: str | None = None,
                 options: DecodingOptions | Mapping[str, Any] | None = None) -> tuple[str, list[str]]:
-        """Caption PIL images with ``model`` (default: the Settings' model); returns (model id, captions)."""
+        """Caption PIL or encoded images with ``model`` (default: the Settings' model); returns
+        (model id, captions). Encoded images are size-checked here and decoded inside the job."""
         if not images:
             raise CaptionerError("No image given.")
         settings = self.settings()
+        check_pixel_limits(images, settings)
         spec = self.spec(model)
         decoding = _as_options(options).merged(settings.decoding)
         device = self.host.device(settings.device)
@@ -203,11 +214,15 @@ class CaptionService:
     def _use(self, spec: ModelSpec, settings: Settings, device: torch.device) -> Iterator[Captioner]:
         """The captioner for ``spec`` on ``device``; afterwards keep, offload or unload it per Settings.
 
-        Any exception (out of memory included) unloads it: a failed job must not leave VRAM held.
+        Any unexpected exception (out of memory included) unloads it: a failed job must not leave VRAM
+        held. A CaptionerError (bad input) leaves it as Settings say.
         """
         captioner = self._acquire(spec, settings, device)
         try:
             yield captioner
+        except CaptionerError:  # a user's mistake (e.g. a damaged image): the model itself is fine
+            self._after_use(settings.after_use)
+            raise
         except BaseException:
             self._drop()
             raise
@@ -296,6 +311,20 @@ def check_inputs(inputs: Sequence[Any]) -> None:
             continue
         if not Path(text).expanduser().exists():
             raise InputNotFoundError(f"Input folder or file not found: {text}")
+
+
+def check_pixel_limits(images: Sequence[Any], settings: Settings) -> None:
+    """Refuse encoded images above the per-image or per-request pixel limits, before any decoding."""
+    encoded = [image for image in images if isinstance(image, EncodedImage)]
+    for image in encoded:
+        if image.pixels > settings.max_image_mpixels * 1e6:
+            width, height = image.size
+            raise TooLargeError(f"{image.where} is {width}x{height} ({image.pixels / 1e6:.1f} million pixels); "
+                                f"the limit is {settings.max_image_mpixels:g} million per image.")
+    total = sum(image.pixels for image in encoded)
+    if total > settings.max_request_mpixels * 1e6:
+        raise TooLargeError(f"The images of this request have {total / 1e6:.1f} million pixels together; the "
+                            f"limit is {settings.max_request_mpixels:g} million per request: send fewer at a time.")
 
 
 def _as_options(options: DecodingOptions | Mapping[str, Any] | None) -> DecodingOptions:

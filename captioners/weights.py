@@ -12,15 +12,17 @@ import logging
 import os
 import pickle
 import shutil
+import struct
+import urllib.error
+import urllib.parse
 import urllib.request
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
-from captioners.errors import CaptionerError, MissingWeightsError, UnsafeCheckpointError
+from captioners.errors import CaptionerError, CheckpointLayoutError, MissingWeightsError, UnsafeCheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +51,50 @@ class Asset:
     converted_suffix: str = ".safetensors"
     # The command-line option that points at a local copy instead (for error messages).
     option: str = "--weights"
+    # Glob patterns (relative to the models folder) of copies that serve when ``local`` is absent,
+    # e.g. where an earlier version of this package let another library cache the file.
+    fallbacks: tuple[str, ...] = ()
 
     def path(self, models_dir: Path) -> Path:
         return Path(self.local) if os.path.isabs(self.local) else models_dir / self.local
 
-    def is_present(self, models_dir: Path) -> bool:
+    def locate(self, models_dir: Path) -> Path | None:
+        """The local copy to use (the converted twin, the folder, or a fallback), or None."""
         target = self.path(models_dir)
         if not self.is_dir:
-            return target.is_file() or target.with_suffix(self.converted_suffix).is_file()
-        needed = self.required or self.repo_files
-        return target.is_dir() and all(_has_one_of(target, name) for name in needed)
+            converted = target.with_suffix(self.converted_suffix)
+            if target.suffix != self.converted_suffix and converted.is_file():
+                return converted
+            if target.is_file():
+                return target
+        elif target.is_dir() and all(_has_one_of(target, name) for name in self.required or self.repo_files):
+            return target
+        for pattern in self.fallbacks:
+            found = sorted(p for p in models_dir.glob(pattern) if p.is_file())
+            if found:
+                return found[-1]
+        return None
+
+    def is_present(self, models_dir: Path) -> bool:
+        return self.locate(models_dir) is not None
+
+    def downloadable(self) -> bool:
+        return bool(self.repo_id or self.file_url)
 
     def source(self) -> str:
         if self.repo_id:
-            files = ", ".join(self.repo_files)
+            files = " or ".join(self.repo_files) if self.required == ("|".join(self.repo_files),) else \
+                ", ".join(self.repo_files)
             return f"https://huggingface.co/{self.repo_id} ({files})"
         return self.file_url or self.url or "(no known download source)"
+
+    def describe(self, models_dir: Path) -> str:
+        """Where the file goes, for messages: a folder with the files it needs."""
+        target = self.path(models_dir)
+        if not self.is_dir:
+            return str(target)
+        needed = ", ".join(name.replace("|", " or ") for name in self.required or self.repo_files)
+        return f"{target}{os.sep} ({needed})"
 
 
 def _has_one_of(folder: Path, names: str) -> bool:
@@ -73,40 +103,103 @@ def _has_one_of(folder: Path, names: str) -> bool:
 
 def ensure_asset(asset: Asset, models_dir: Path, download: bool = True) -> Path:
     """Return the local path of ``asset``, downloading it first when possible."""
-    target = asset.path(models_dir)
-    if not asset.is_dir:
-        converted = target.with_suffix(asset.converted_suffix)
-        if target.suffix != asset.converted_suffix and converted.is_file():
-            return converted
-    if asset.is_present(models_dir):
-        return target
-    if download and (asset.repo_id or asset.file_url):
-        try:
-            _download(asset, target)
-        except Exception as exc:  # network, offline mode, missing repo: all end the same way
-            log.debug("download of %s failed", asset.source(), exc_info=True)
-            raise MissingWeightsError(_missing_message(asset, target, reason=str(exc).splitlines()[0])) from exc
-        if asset.is_present(models_dir):
-            return target
-    raise MissingWeightsError(_missing_message(asset, target))
+    return ensure_assets([asset], models_dir, download=download)[0]
 
 
-def _missing_message(asset: Asset, target: Path, reason: str = "") -> str:
-    what = "folder" if asset.is_dir else "file"
-    needed = (name.replace("|", " or ") for name in asset.required or asset.repo_files)
-    files = f" with {', '.join(needed)}" if asset.is_dir else ""
-    msg = f"Missing model {what} {target}{files}. Download it from {asset.source()} and put it there"
-    msg += (f", or point at a copy you already have ({asset.option} on the command line; in the WebUI, "
-            "Captioners tab > Models > Local files).")
-    if reason:
-        msg += f" (automatic download failed: {reason})"
-    return msg
+def ensure_assets(assets: list[Asset], models_dir: Path, download: bool = True, model: str | None = None
+                  ) -> list[Path]:
+    """The local paths of every asset, downloading the missing ones first.
+
+    When some stay missing, one MissingWeightsError names all of them, each with its source and its
+    destination. Before any download, each source's host is asked once whether it answers at all, so
+    that without a network the answer comes at once (huggingface_hub retries a refused connection
+    for ~25 s per file, printing every retry).
+    """
+    missing = [asset for asset in dict.fromkeys(assets) if not asset.is_present(models_dir)]
+    reasons: dict[Asset, str] = {}
+    if missing and download:
+        unreachable: dict[str, str | None] = {}
+        for asset in missing:
+            if not asset.downloadable():
+                continue
+            host = _source_host(asset)
+            if host not in unreachable:
+                unreachable[host] = _unreachable(host)
+            if unreachable[host]:
+                reasons[asset] = unreachable[host]
+                continue
+            try:
+                _download(asset, asset.path(models_dir))
+            except Exception as exc:  # a missing repo or file, a dropped connection: all end the same way
+                log.debug("download of %s failed", asset.source(), exc_info=True)
+                reasons[asset] = _download_failure(exc, asset)
+    still = [asset for asset in missing if not asset.is_present(models_dir)]
+    if still:
+        raise MissingWeightsError(_missing_message(still, models_dir, reasons, model))
+    return [asset.locate(models_dir) for asset in assets]
+
+
+def _missing_message(assets: list[Asset], models_dir: Path, reasons: dict[Asset, str], model: str | None) -> str:
+    """A headline, then one line per missing file: where it goes, where it comes from, why it is not there."""
+    whose = f" of {model}" if model else ""
+    files = f"files ({len(assets)})" if len(assets) > 1 else "file"
+    lines = [f"Missing model {files}{whose}. Download each from its source and put it where shown, or point at a "
+             "copy you already have (command line: the option shown; WebUI: Captioners tab > Models > Local files):"]
+    for asset in assets:
+        if not (asset.downloadable() or asset.url):  # a path the user gave
+            lines.append(f"  {asset.describe(models_dir)}: not found (check the path given with {asset.option} "
+                         "or in presets.json)")
+            continue
+        failed = f"; automatic download failed: {reasons[asset]}" if asset in reasons else ""
+        lines.append(f"  {asset.describe(models_dir)} <- {asset.source()} ({asset.option}{failed})")
+    return "\n".join(lines)
+
+
+def _download_failure(exc: BaseException, asset: Asset) -> str:
+    """A download error in words (huggingface_hub's first line is often just "404 Client Error.")."""
+    kind = type(exc).__name__
+    if kind in ("EntryNotFoundError", "RemoteEntryNotFoundError"):
+        return f"not in the repository {asset.repo_id}"
+    if kind in ("RepositoryNotFoundError", "GatedRepoError"):
+        return f"the repository {asset.repo_id} does not exist or needs a login"
+    return _first_line(exc)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _source_host(asset: Asset) -> str:
+    """The server a download would ask: the hub's endpoint (HF_ENDPOINT), or the URL's host ("" for
+    local file:// URLs, which need no probe)."""
+    if asset.repo_id:
+        from huggingface_hub import constants
+
+        return constants.ENDPOINT.rstrip("/")
+    parts = urllib.parse.urlsplit(asset.file_url or "")
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme in ("http", "https") else ""
+
+
+def _unreachable(host: str, timeout: float = 10.0) -> str | None:
+    """Why ``host`` cannot be asked for files (offline mode, no connection), or None when it answers."""
+    if _offline():
+        return "HF_HUB_OFFLINE is set"
+    if not host:
+        return None
+    try:
+        with urllib.request.urlopen(urllib.request.Request(host, method="HEAD"), timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None  # any HTTP answer means the server is there
+    except (OSError, ValueError) as exc:  # URLError, timeouts, refused connections, bad URLs
+        reason = getattr(exc, "reason", exc)
+        return f"{host} cannot be reached ({_first_line(reason) if isinstance(reason, BaseException) else reason})"
 
 
 def _download(asset: Asset, target: Path) -> None:
     """Hub files through huggingface_hub (cached, resumable, honours HF_ENDPOINT); other files by
     URL. ``HF_HUB_OFFLINE=1`` turns every download off."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+    if _offline():
         raise RuntimeError("HF_HUB_OFFLINE is set")
     folder = target if asset.is_dir else target.parent
     folder.mkdir(parents=True, exist_ok=True)
@@ -116,6 +209,7 @@ def _download(asset: Asset, target: Path) -> None:
     from huggingface_hub import hf_hub_download
 
     needed = asset.required or asset.repo_files
+    last_error: Exception | None = None
     for name in asset.repo_files:
         group = next((g for g in needed if name in g.split("|")), None)
         if asset.is_dir and group and "|" in group and _has_one_of(target, group):
@@ -123,14 +217,17 @@ def _download(asset: Asset, target: Path) -> None:
         log.info("Downloading %s from %s", name, asset.repo_id)
         try:
             fetched = Path(hf_hub_download(asset.repo_id, name, local_dir=str(folder)))
-        except Exception:
+        except Exception as exc:
             if asset.is_dir and name not in needed:
+                last_error = exc
                 continue  # optional extra file, or one of several alternatives
             raise
         wanted = target / name if asset.is_dir else target
         if fetched.resolve() != wanted.resolve():
             wanted.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(fetched), str(wanted))
+    if asset.is_dir and last_error is not None and not all(_has_one_of(target, g) for g in needed):
+        raise last_error  # none of an either-or group could be fetched: say why
 
 
 def _download_url(url: str, target: Path, timeout: float = 60.0) -> None:
@@ -148,9 +245,14 @@ def _download_url(url: str, target: Path, timeout: float = 60.0) -> None:
 # Constructors of plain data; a pickle may name these and nothing else.
 _PLAIN_TYPES = frozenset({"list", "tuple", "dict", "set", "frozenset", "str", "bytes", "int", "float", "bool",
                           "complex"})
+# Plain-data pickles here are small vocabularies (the ICG ones are ~100 KB); anything far bigger is refused.
+MAX_PLAIN_PICKLE_BYTES = 64 * 1024 * 1024
 
 
-class _PlainDataUnpickler(pickle.Unpickler):
+class _PlainDataUnpickler(pickle._Unpickler):
+    """Python's own unpickler, not the C one: its memo is a dict and it reads no more bytes than the file
+    holds, so a crafted length or memo index (``LONG_BINPUT 4294967295``) cannot make it allocate GBs."""
+
     def find_class(self, module: str, name: str):
         if module == "builtins" and name in _PLAIN_TYPES:
             return super().find_class(module, name)
@@ -161,43 +263,103 @@ def load_plain_pickle(path: str | os.PathLike):
     """Read a pickle of plain data (lists, dicts, strings, numbers) without running code from it."""
     path = Path(path)
     try:
-        return _PlainDataUnpickler(io.BytesIO(path.read_bytes())).load()
+        size = path.stat().st_size
+        if size > MAX_PLAIN_PICKLE_BYTES:
+            raise CheckpointLayoutError(f"Refused to load {path}: {size / 2**20:.0f} MB is far too big for a "
+                                        "vocabulary pickle; use the original file or its .json conversion.")
+        data = path.read_bytes()
     except OSError as exc:
-        raise CaptionerError(f"Could not read {path}: {exc}") from exc
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
-        raise UnsafeCheckpointError(f"Refused to load {path}: it is not a plain-data pickle ({exc}).") from exc
+        raise CaptionerError(f"Could not read {path}: {exc.strerror or exc}") from exc
+    try:
+        return _PlainDataUnpickler(io.BytesIO(data)).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError,
+            struct.error, RecursionError, MemoryError, OverflowError) as exc:
+        raise UnsafeCheckpointError(f"Refused to load {path}: it is not a plain-data pickle "
+                                    f"({_first_line(exc)}).") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception as one short line: its message, or its type when the message is empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a checkpoint without running code from it.
 
-    ``.safetensors`` is read directly; anything else goes through ``torch.load(weights_only=True)``.
-    A ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped.
+    ``.safetensors`` is read directly; TorchScript archives through :mod:`captioners.torch_archive`
+    (tensors only, no code); anything else through ``torch.load(weights_only=True)``. A
+    ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped. Every failure is a
+    CaptionerError with a one-line reason.
     """
     path = Path(path)
     if not path.is_file():
         raise MissingWeightsError(f"Weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
     try:
-        # torch.serialization.load is torch.load itself; A1111 replaces the torch.load attribute with
-        # its own checker, which returns None for files newer torch writes (".format_version").
-        data = torch.serialization.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UnsafeCheckpointError(
-            f"Refused to load {path}: it holds Python objects besides tensors, and unpickling them "
-            "could run code. Use a plain state-dict checkpoint or a .safetensors file."
-        ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as exc:
-        raise UnsafeCheckpointError(f"Could not read {path} as a PyTorch checkpoint: {exc}") from exc
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError as exc:
+        raise CaptionerError(f"Could not read {path}: {exc.strerror or exc}") from exc
+    if not head:
+        raise CheckpointLayoutError(f"{path} is empty (0 bytes): download or copy it again.")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    data = _read_torch_file(path, head)
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(data, Mapping) and isinstance(data.get(key), Mapping):
             data = data[key]
     if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise UnsafeCheckpointError(f"{path} is not a state dict (a mapping of names to tensors).")
+        raise CheckpointLayoutError(f"{path} is not a state dict (a mapping of names to tensors).")
     return dict(data)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # SafetensorError (truncated, bad header...) has no common importable base
+        raise CheckpointLayoutError(f"{path} is not a readable .safetensors file ({_first_line(exc)}); "
+                                    "download or convert it again.") from None
+
+
+def _read_torch_file(path: Path, head: bytes):
+    # torch.save writes a zip (torch >= 1.6) or a pickle (protocol 2: b"\x80\x02"); anything else
+    # (a text file, an HTML error page saved as .pt) would give torch.load's KeyError or IndexError.
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise CheckpointLayoutError(f"{path} is not a PyTorch checkpoint (it starts with {head[:8]!r}, "
+                                    "not a torch.save zip or pickle).")
+    from captioners.torch_archive import is_torchscript, read_torchscript_tensors
+
+    if is_torchscript(path):
+        return read_torchscript_tensors(path)
+    try:
+        # torch.serialization.load is torch.load itself; A1111 replaces the torch.load attribute with
+        # its own checker, which returns None for files newer torch writes (".format_version").
+        return torch.serialization.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"Refused to load {path}: it holds Python objects besides tensors, and unpickling them "
+            "could run code. Use a plain state-dict checkpoint or a .safetensors file.") from exc
+    except Exception as exc:  # truncated zips, damaged pickles: torch raises many kinds
+        raise CheckpointLayoutError(f"Could not read {path} as a PyTorch checkpoint "
+                                    f"({_first_line(exc)}).") from None
+
+
+def read_checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """Name -> shape of a checkpoint's tensors without reading their data (a safetensors header, a
+    torch.save zip's data.pkl), or None when that cannot be learnt cheaply or safely."""
+    from captioners.torch_archive import read_tensor_shapes
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        return read_tensor_shapes(path)
+    except Exception:  # unreadable here means unknown; loading the file reports the real problem
+        return None
 
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: Path,

@@ -116,3 +116,119 @@ def test_unexpected_errors_are_500_without_a_traceback(webui, photos, monkeypatc
     response = client.post("/captioners/v1/caption", json={"image": b64(photos[0])})
     assert response.status_code == 500
     assert response.json() == {"detail": "ZeroDivisionError: oops (details in the server log)"}
+
+
+# ---- big images: sizes are read from headers, decoding waits for the job --------------------------
+def bilevel_png(width: int, height: int) -> bytes:
+    """A 1-bit PNG of ``width`` x ``height`` black pixels: a few KiB that decode to width*height pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    row = b"\x00" + b"\x00" * ((width + 7) // 8)
+    pixels = zlib.compress(row * height, 9)
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def test_a_huge_image_is_refused_from_its_header_with_413(client):
+    bomb = bilevel_png(15000, 10000)  # 150 million pixels in a few KiB; decoded as RGB it would take 450 MB
+    assert len(bomb) < 64 * 1024
+    response = client.post("/captioners/v1/caption", json={"image": base64.b64encode(bomb).decode()})
+    assert response.status_code == 413, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and len(detail.splitlines()) == 1
+    assert "15000x10000" in detail and "million" in detail
+
+
+def test_many_big_images_are_refused_by_the_per_request_limit(client):
+    big = base64.b64encode(bilevel_png(8000, 7500)).decode()  # 60 million pixels: under the per-image limit
+    response = client.post("/captioners/v1/caption", json={"images": [big] * 5})
+    assert response.status_code == 413, response.text
+    assert "per request" in response.json()["detail"]
+
+
+def test_limits_come_from_settings(webui, client, photos):
+    webui.shared.opts.set("captioners_max_image_mpixels", 0.01)  # 10 000 pixels
+    try:
+        response = client.post("/captioners/v1/caption", json={"image": b64(photos[0])})
+        assert response.status_code == 413 and "0.01 million per image" in response.json()["detail"]
+    finally:
+        webui.shared.opts.set("captioners_max_image_mpixels", 64)
+    assert client.post("/captioners/v1/caption", json={"image": b64(photos[0])}).status_code == 200
+
+
+def test_images_are_decoded_one_by_one_inside_the_job(webui, client, photos, monkeypatch):
+    from captioners.images import EncodedImage
+
+    lock, seen = webui.call_queue.queue_lock, []
+    decode = EncodedImage.decode
+
+    def recording(self):
+        seen.append(lock.locked())
+        return decode(self)
+
+    monkeypatch.setattr(EncodedImage, "decode", recording)
+    response = client.post("/captioners/v1/caption", json={"images": [b64(photos[0]), b64(photos[1])]})
+    assert response.status_code == 200, response.text
+    assert seen == [True, True]  # decoded under the queue lock, not while the request was parsed
+
+
+def test_a_damaged_image_body_is_a_400_and_keeps_the_model(client, photos):
+    data = base64.b64decode(b64(photos[0]))
+    truncated = base64.b64encode(data[: len(data) // 3]).decode()  # a valid header, then nothing
+    assert client.post("/captioners/v1/caption", json={"image": b64(photos[0])}).status_code == 200
+    response = client.post("/captioners/v1/caption", json={"image": truncated})
+    assert response.status_code == 400, response.text
+    assert "image" in response.json()["detail"] and "BytesIO" not in response.json()["detail"]
+    assert client.get("/captioners/v1/models").json()["loaded"] == TINY
+
+
+# ---- option types and ranges, malformed bodies ----------------------------------------------------
+@pytest.mark.parametrize("options, words", [
+    ({"temperature": "hot"}, "temperature must be a number"),
+    ({"num_beams": 1000000}, "num_beams must be at least 1 and at most 32"),
+    ({"num_beams": 2.5}, "num_beams must be a whole number"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be"),
+    ({"top_p": 1.5}, "top_p must be"),
+    ({"seed": -5}, "seed must be"),
+    ({"num_candidates": 10000}, "num_candidates must be at least 1 and at most 64"),
+    ({"keep_prompt": "yes"}, "keep_prompt must be true or false"),
+    ({"prompt": 5}, "prompt must be text"),
+    ({"top_k": True}, "top_k must be a whole number"),
+])
+def test_wrong_option_types_and_absurd_values_are_400(client, photos, options, words):
+    response = client.post("/captioners/v1/caption", json={"image": b64(photos[0]), "options": options})
+    assert response.status_code == 400, response.text
+    assert words in response.json()["detail"]
+
+
+@pytest.mark.parametrize("job, words", [
+    ({"inputs": ["."], "batch_size": 100000}, "batch_size must be"),
+    ({"inputs": ["."], "batch_size": "many"}, "batch_size must be"),
+    ({"inputs": ["."], "workers": -1}, "workers must be"),
+    ({"inputs": ["."], "decoding": {"num_beams": 999}}, "num_beams must be"),
+    ({"inputs": ["."], "decoding": "beam"}, "Decoding options must be an object"),
+])
+def test_bad_batch_options_are_400(client, job, words):
+    response = client.post("/captioners/v1/batch", json=job)
+    assert response.status_code == 400, response.text
+    assert words in response.json()["detail"]
+
+
+@pytest.mark.parametrize("route", ["/captioners/v1/caption", "/captioners/v1/batch"])
+@pytest.mark.parametrize("body, words", [
+    (b"", "empty"),
+    (b"   ", "empty"),
+    (b"{not json", "not valid JSON"),
+    (b'{"image": "abc', "not valid JSON"),
+    (b"\xff\xfe garbage", "not valid JSON"),
+    (b"[" * 100000 + b"]" * 100000, "not valid JSON"),
+])
+def test_malformed_bodies_get_a_one_line_detail(client, route, body, words):
+    response = client.post(route, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and len(detail.splitlines()) == 1 and words in detail

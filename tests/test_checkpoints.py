@@ -94,7 +94,7 @@ class RunsCode:
         return (open, (str(self.marker), "w"))
 
 
-def test_pickle_that_runs_code_is_refused_without_running(tmp_path, models_dir):
+def test_pickle_that_runs_code_is_refused_without_running(tmp_path, models_dir, clip_overrides):
     from captioners.registry import create_captioner
 
     marker = tmp_path / "pwned"
@@ -103,7 +103,7 @@ def test_pickle_that_runs_code_is_refused_without_running(tmp_path, models_dir):
     with pytest.raises(UnsafeCheckpointError, match="Refused"):
         load_state_dict(evil)
     with pytest.raises(UnsafeCheckpointError):
-        create_captioner(str(evil), models_dir).load("cpu")
+        create_captioner(str(evil), models_dir, clip_overrides).load("cpu")  # every other file present
     assert not marker.exists()
 
 

@@ -59,3 +59,36 @@ def test_pretrained_tag_offline_is_a_clear_error(models_dir):
     with pytest.raises(MissingWeightsError) as info:
         load_clip(ClipSpec("ViT-B-32", "openai"), models_dir, torch.device("cpu"), torch.float32)
     assert "--clip-weights" in str(info.value) and str(models_dir / "clip") in str(info.value)
+
+
+def test_a_torchscript_clip_is_read_without_torch_jit(tiny_clip, reference_clip, tmp_path, models_dir, monkeypatch):
+    config, _ = tiny_clip
+    path = tmp_path / "clip-jit.pt"
+    text = open_clip.get_tokenizer(config.stem)(["a photo"])
+    torch.jit.trace(reference_clip, (torch.randn(1, 3, 32, 32), text), strict=False, check_trace=False).save(str(path))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch.jit.load runs the archive's code")
+
+    monkeypatch.setattr(torch.jit, "load", forbidden)
+    backbone = load_clip(ClipSpec(config.stem, str(path), str(config)), models_dir, torch.device("cpu"), torch.float32)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(encode(backbone, pixels), reference_clip.encode_image(pixels).float())
+
+
+def test_a_torchscript_clip_whose_code_writes_a_file_never_runs(tiny_clip, icg_checkpoint, tokenizer_dir, photos,
+                                                                tmp_path, capsys):
+    from captioners import cli
+    from tests.test_torch_archive import _EvilParent
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "ViT-L-14.pt"
+    torch.jit.script(_EvilParent(str(marker))).save(str(evil))
+    config, _ = tiny_clip
+    code = cli.main(["caption", str(photos[0]), "--model", str(icg_checkpoint.path), "--clip-config", str(config),
+                     "--clip-weights", str(evil), "--tokenizer", str(tokenizer_dir), "--models-dir",
+                     str(tmp_path / "models"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert not marker.exists()
+    assert code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1 and str(evil) in err

@@ -116,9 +116,11 @@ def test_cli_errors_are_one_line(tmp_path, photos):
     result = run_cli("caption", str(photos[0]), "--model", "clip-prefix-flickr8k", "--quiet", env_models_dir=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     message = result.stderr.strip()
-    assert len(message.splitlines()) == 1
-    assert str(tmp_path / "clip_prefix" / "flickr8k.pt") in message
-    assert "huggingface.co/Anshler/clip-prefix" in message
+    # A headline, then one line per missing file (weights, tokenizer, CLIP) with its source.
+    headline, *files = message.splitlines()
+    assert headline.startswith("error: Missing model files (3) of clip-prefix-flickr8k") and len(files) == 3
+    assert str(tmp_path / "clip_prefix" / "flickr8k.pt") in files[0]
+    assert "huggingface.co/Anshler/clip-prefix" in files[0]
 
 
 def test_models_lists_presets_local_files_and_custom_presets(icg_checkpoint, tmp_path, tiny_clip, tokenizer_dir):

@@ -253,7 +253,8 @@ def test_sbg_is_listed_and_runs_from_the_command_line(sbg, sbg_files, photos, tm
     mine = available_models(models)["my-sbg"].config
     assert mine.weights.path(models) == Path(sbg_files["weights"]) and mine.clip.config == sbg_files["clip_config"]
     files = {Path(f["path"]).name: f for f in listing["sbg-flickr8k"]["files"]}
-    assert set(files) == {"selective-blind-guessing", "gpt2-tokenizer", "all_labels.pkl", "encyclopedia.pkl"}
+    assert set(files) == {"selective-blind-guessing", "gpt2-tokenizer", "all_labels.pkl", "encyclopedia.pkl",
+                          "timm--vit_large_patch14_clip_224.openai"}  # CLIP too: "ready" means every file
     assert "huggingface.co/Anshler/selective-blind-guessing" in files["selective-blind-guessing"]["source"]
     assert files["all_labels.pkl"]["source"].startswith("https://raw.githubusercontent.com/Anshler/ICG_sd_extension/")
     assert {"sbg-flickr8k", "fusecap"} <= set(available_models(models))

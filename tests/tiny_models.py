@@ -23,6 +23,7 @@ CAPTION_WORDS = (
 
 TINY_CLIP_CONFIG = {
     "embed_dim": 32,
+    "quick_gelu": True,  # as OpenAI's CLIPs, which the captioners' presets use
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }

@@ -12,7 +12,7 @@ from enum import Enum
 from typing import Any, Mapping
 
 from captioners.errors import CaptionerError
-from captioners.options import DecodingOptions
+from captioners.options import DecodingOptions, checked_number
 
 
 class ExistingPolicy(str, Enum):
@@ -90,12 +90,9 @@ class BatchJob:
         self.loader = _enum(Loader, self.loader, "loader")
         self.shaping.trigger_mode = _enum(TriggerMode, self.shaping.trigger_mode, "trigger_mode")
         self.extension = normalize_extension(self.extension)
-        if self.batch_size < 1:
-            raise CaptionerError(f"batch_size must be at least 1 (got {self.batch_size}).")
-        if self.workers < 0:
-            raise CaptionerError(f"workers must be 0 or more (got {self.workers}).")
-        if self.shaping.max_tokens < 0:
-            raise CaptionerError(f"max_tokens must be 0 (no check) or more (got {self.shaping.max_tokens}).")
+        self.batch_size = checked_number("batch_size", self.batch_size)
+        self.workers = checked_number("workers", self.workers)
+        self.shaping.max_tokens = checked_number("max_tokens", self.shaping.max_tokens)  # 0: no check
         if self.shaping.trigger_mode == TriggerMode.REPLACE and self.shaping.trigger and not self.shaping.class_words:
             raise CaptionerError("trigger_mode 'replace' needs class_words (the words the trigger replaces).")
         for pattern, _ in self.shaping.replacements:

@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 
 from captioners.base import Captioner, ModelSpec
-from captioners.clip_backbone import ClipBackbone, ClipSpec, load_clip
+from captioners.clip_backbone import ClipBackbone, ClipSpec, clip_weights_asset, load_clip
 from captioners.errors import CaptionerError
 from captioners.families.clipcap_modules import ClipPrefixLayout, ClipPrefixModel, inspect_state_dict
 from captioners.options import DecodingOptions
 from captioners.prefix_decoding import beam_search, decode_tokens, greedy_chooser, max_steps, sampling_chooser
 from captioners.text import GPT2_TOKENIZER, load_gpt2_tokenizer, tokenizer_asset
-from captioners.weights import WEIGHT_SUFFIXES, Asset, ensure_asset, load_state_dict
+from captioners.weights import WEIGHT_SUFFIXES, Asset, ensure_asset, load_state_dict, read_checkpoint_shapes
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +29,16 @@ FAMILY = "clip-prefix"
 FOLDER = "clip_prefix"
 POSTPROCESS_STYLES = ("icg", "clipcap", "none")
 
+
+
+def _openai_clip(arch: str) -> ClipSpec:
+    return ClipSpec(arch, "openai", quick_gelu=True)  # OpenAI's CLIPs were trained with QuickGELU
+
+
 # CLIP width -> the CLIP each publisher trained with (the checkpoint cannot say which).
-CLIP_BY_WIDTH = {
-    512: ClipSpec("ViT-B-32", "openai"),
-    640: ClipSpec("RN50x4", "openai"),
-    768: ClipSpec("ViT-L-14", "openai"),
-}
+CLIP_BY_WIDTH = {512: _openai_clip("ViT-B-32"), 640: _openai_clip("RN50x4"), 768: _openai_clip("ViT-L-14")}
+# The first layer of each mapping network: its input width is the CLIP embedding's.
+MAPPING_INPUTS = ("clip_project.model.0.weight", "clip_project.weight", "clip_project.linear.weight")
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ def _anshler(name: str) -> Asset:
 def _icg_spec(model_id: str, filename: str, description: str) -> ModelSpec:
     return ModelSpec(
         model_id, FAMILY,
-        ClipPrefixConfig(_anshler(filename), ClipSpec("ViT-L-14", "openai"), normalize=True, postprocess="icg"),
+        ClipPrefixConfig(_anshler(filename), _openai_clip("ViT-L-14"), normalize=True, postprocess="icg"),
         DEFAULT_DECODING,
         description)
 
@@ -67,7 +71,7 @@ def _clipcap_mlp_spec(model_id: str, filename: str, repo_id: str, description: s
     # rmokady's MLP checkpoints map the raw (not normalised) ViT-B/32 embedding.
     weights = Asset(f"{FOLDER}/{filename}", repo_id=repo_id, repo_files=(filename,))
     return ModelSpec(model_id, FAMILY,
-                     ClipPrefixConfig(weights, ClipSpec("ViT-B-32", "openai"), normalize=False, postprocess="clipcap"),
+                     ClipPrefixConfig(weights, _openai_clip("ViT-B-32"), normalize=False, postprocess="clipcap"),
                      DEFAULT_DECODING, description)
 
 
@@ -88,7 +92,7 @@ PRESETS: list[ModelSpec] = [
         ClipPrefixConfig(Asset(f"{FOLDER}/transformer_weights.pt",
                                url="https://drive.google.com/file/d/1GYPToCqFREwi285wPLhuVExlz7DDUDfJ "
                                    "(save it as transformer_weights.pt)"),
-                         ClipSpec("RN50x4", "openai"), normalize=True, postprocess="clipcap"),
+                         _openai_clip("RN50x4"), normalize=True, postprocess="clipcap"),
         DEFAULT_DECODING.replace(strategy="beam"),
         "ClipCap COCO, transformer mapper, frozen GPT-2 (RN50x4)"),
 ]
@@ -116,7 +120,9 @@ class ClipPrefixCaptioner(Captioner):
 
     @classmethod
     def assets(cls, spec: ModelSpec) -> list[Asset]:
-        return [spec.config.weights, spec.config.tokenizer]
+        config: ClipPrefixConfig = spec.config
+        clip = config.clip or _clip_from_shapes(config.weights)
+        return [config.weights, config.tokenizer, *([clip_weights_asset(clip)] if clip else [])]
 
     @classmethod
     def presets(cls) -> list[ModelSpec]:
@@ -155,7 +161,7 @@ class ClipPrefixCaptioner(Captioner):
             changes["weights"] = Asset(str(Path(overrides["weights"]).expanduser().resolve()))
         if overrides.get("tokenizer"):
             changes["tokenizer"] = tokenizer_asset(overrides["tokenizer"])
-        base = config.clip or ClipSpec()
+        base = config.clip or _openai_clip("ViT-L-14")
         clip = base.with_overrides(overrides)
         if clip is not base:  # only when the user named a CLIP option
             changes["clip"] = clip
@@ -223,6 +229,16 @@ class ClipPrefixCaptioner(Captioner):
         else:
             choose = greedy_chooser()
         return decode_tokens(gpt, prefix, self.stop_token, steps, choose)
+
+
+def _clip_from_shapes(weights: Asset) -> ClipSpec | None:
+    """The default CLIP of a local checkpoint, read from its first mapping layer's shape without
+    loading it (None when the file is absent or its shapes cannot be read cheaply)."""
+    if not Path(weights.local).is_absolute() or not Path(weights.local).is_file():
+        return None
+    shapes = read_checkpoint_shapes(Path(weights.local)) or {}
+    width = next((shapes[key][1] for key in MAPPING_INPUTS if len(shapes.get(key, ())) == 2), None)
+    return CLIP_BY_WIDTH.get(width)
 
 
 def _clip_for_width(width: int) -> ClipSpec:

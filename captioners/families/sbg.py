@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from captioners.base import Captioner, ModelSpec
-from captioners.clip_backbone import ClipBackbone, ClipSpec, load_clip
+from captioners.clip_backbone import ClipBackbone, ClipSpec, clip_weights_asset, load_clip
 from captioners.errors import CaptionerError, CheckpointLayoutError
 from captioners.families.clip_prefix import _clip_image_size
 from captioners.families.sbg_keywords import (LabelSets, TextFeatureStore, Vocabulary, prompt_for, rank,
@@ -64,7 +64,7 @@ class SbgConfig:
     weights: Asset
     labels: Asset = _vocabulary_file(LABELS_FILE)
     encyclopedia: Asset = _vocabulary_file(ENCYCLOPEDIA_FILE)
-    clip: ClipSpec = ClipSpec("ViT-L-14", "openai")
+    clip: ClipSpec = ClipSpec("ViT-L-14", "openai", quick_gelu=True)  # OpenAI's, trained with QuickGELU
     tokenizer: Asset = GPT2_TOKENIZER
     keywords: int = 1000     # most frequent NOUN/ADV/ADJ labels used as keyword vocabulary
     max_length: int = 256    # prompt + caption tokens, as the original generation call
@@ -95,7 +95,7 @@ class SbgCaptioner(Captioner):
     @classmethod
     def assets(cls, spec: ModelSpec) -> list[Asset]:
         config: SbgConfig = spec.config
-        return [config.weights, config.tokenizer, config.labels, config.encyclopedia]
+        return [config.weights, config.tokenizer, config.labels, config.encyclopedia, clip_weights_asset(config.clip)]
 
     @classmethod
     def presets(cls) -> list[ModelSpec]:

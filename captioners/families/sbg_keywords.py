@@ -47,13 +47,18 @@ def read_vocabulary_file(path: Path, convert: bool) -> Any:
     if path.suffix == ".json":
         try:
             return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise CaptionerError(f"Could not read {path}: {exc}. Delete it to convert the pickle again.") from exc
+        except (OSError, ValueError, RecursionError) as exc:
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0]
+            raise CaptionerError(f"Could not read {path}: {reason}. Delete it to convert the pickle again.") from None
     data = load_plain_pickle(path)
     if convert:
+        try:
+            text = json.dumps(data, ensure_ascii=False)
+        except (TypeError, ValueError, RecursionError):
+            raise CaptionerError(f"{path} does not hold a vocabulary (lists and dicts of words).") from None
         target = path.with_suffix(".json")
         tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, target)
         log.info("Converted %s to %s", path.name, target.name)
     return data
@@ -71,7 +76,9 @@ class Vocabulary:
 
 def _keywords(labels: Any, size: int, source: str) -> list[str]:
     try:
-        chosen = [str(keyword) for keyword, pos, _frequency in labels if pos in KEYWORD_POS]
+        chosen = [keyword for keyword, pos, _frequency in labels if pos in KEYWORD_POS]
+        if not all(isinstance(keyword, str) for keyword in chosen):
+            raise TypeError("keywords must be text")
     except (TypeError, ValueError) as exc:
         raise CaptionerError(f"{source}: all_labels must be a list of (keyword, POS, frequency) entries.") from exc
     if not chosen:
@@ -86,11 +93,15 @@ def _checked_encyclopedia(data: Any, source: str) -> dict[str, Any]:
     if missing:
         raise CaptionerError(f"{source}: encyclopedia lacks {', '.join(missing)}.")
     for key in ENCYCLOPEDIA_DICTS:
-        if not isinstance(data[key], dict) or not all(isinstance(v, list) for v in data[key].values()):
+        if not isinstance(data[key], dict) or not all(_is_word_list(v) for v in data[key].values()):
             raise CaptionerError(f"{source}: encyclopedia[{key!r}] must map names to word lists.")
-    if not isinstance(data["human"], list):
+    if not _is_word_list(data["human"]):
         raise CaptionerError(f"{source}: encyclopedia['human'] must be a word list.")
     return data
+
+
+def _is_word_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(word, str) for word in value)
 
 
 # ---- label sets --------------------------------------------------------------------------------

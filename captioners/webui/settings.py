@@ -14,13 +14,12 @@ import gradio as gr
 
 from captioners.cli import DEFAULT_MODEL
 from captioners.options import DecodingOptions
-from captioners.service import AFTER_USE, Settings
+from captioners.service import AFTER_USE, MAX_IMAGE_MPIXELS, MAX_REQUEST_MPIXELS, Settings
 
 SECTION = ("captioners", "Captioners")
 CATEGORY = "postprocessing"  # the Settings page groups sections by category
 PROMPT_MODES = ("replace", "append", "prepend")
 STRATEGY_DEFAULT = "model default"
-
 
 
 def device_choices() -> list[str]:
@@ -72,6 +71,12 @@ def options(shared: Any, model_ids: Callable[[], list[str]]) -> dict[str, Any]:
         "captioners_top_p": info(0.0, "Default top-p (0: the model's)", slider,
                                  {"minimum": 0.0, "maximum": 1.0, "step": 0.01}),
         "captioners_seed": info(-1, "Default seed for sampling (-1: none)", gr.Number, {"precision": 0}),
+        "captioners_max_image_mpixels": info(
+            MAX_IMAGE_MPIXELS, "API: largest image, in million pixels", gr.Number, {"precision": 2},
+        ).info("bigger images are refused (HTTP 413) before they are decoded"),
+        "captioners_max_request_mpixels": info(
+            MAX_REQUEST_MPIXELS, "API: all images of one request together, in million pixels", gr.Number,
+            {"precision": 2}),
     }
 
 
@@ -92,6 +97,10 @@ def read(opts: Any, models_path: str) -> Settings:
         except (TypeError, ValueError):
             return default
 
+    def positive(key: str, default: float) -> float:
+        value = number(key, float, default)
+        return value if value > 0 else default
+
     strategy = getattr(opts, "captioners_strategy", STRATEGY_DEFAULT)
     decoding = DecodingOptions(
         strategy=None if strategy in (None, "", STRATEGY_DEFAULT) else strategy,
@@ -110,6 +119,8 @@ def read(opts: Any, models_path: str) -> Settings:
         dtype=getattr(opts, "captioners_dtype", "auto") or "auto",
         after_use=after_use if after_use in AFTER_USE else "offload",
         decoding=decoding,
+        max_image_mpixels=positive("captioners_max_image_mpixels", MAX_IMAGE_MPIXELS),
+        max_request_mpixels=positive("captioners_max_request_mpixels", MAX_REQUEST_MPIXELS),
     )
 
 
