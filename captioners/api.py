@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 from captioners.errors import (CaptionerError, MissingWeightsError, OutputsNotWrittenError, TooLargeError,
                                UnknownModelError)
+from captioners.display import display_path, json_bytes
 from captioners.images import EncodedImage
 from captioners.service import CaptionService, InputNotFoundError
 
@@ -110,6 +111,8 @@ class CaptionersApi:
         model = _model(job)
         job.pop("model", None)
         summary = self.service.run_batch(job, model)
+        if summary.output_failures:
+            raise OutputsNotWrittenError(not_written_message(summary))
         result = summary.to_dict()
         result.setdefault("model", model or self.service.settings().model)
         return result
@@ -119,6 +122,14 @@ class CaptionersApi:
 
     def unload(self) -> dict[str, Any]:
         return {"unloaded": self.service.unload()}
+
+
+def not_written_message(summary: Any) -> str:
+    """One line: which outputs failed and why, and what the run did write all the same."""
+    failures = "; ".join(f"{display_path(path)} ({reason})" for path, reason in summary.output_failures)
+    captions = sum(1 for path in summary.written if path not in {p for p, _ in summary.output_failures})
+    return (f"Captioned {summary.captioned} images and wrote {captions} files, but could not write: {failures}. "
+            "Free some space or fix the path, then rerun (caption files already written are kept).")
 
 
 def _object(payload: Any) -> Mapping[str, Any]:
@@ -136,7 +147,7 @@ def _model(payload: Mapping[str, Any]) -> str | None:
 
 def mount(app: Any, service: CaptionService, api_auth: str | None = None) -> CaptionersApi:
     """Add the routes to a FastAPI app, behind HTTP basic auth when ``api_auth`` is set."""
-    from fastapi import Depends, HTTPException, Request
+    from fastapi import Depends, HTTPException, Request, Response
     from fastapi.security import HTTPBasic, HTTPBasicCredentials
     from starlette.concurrency import run_in_threadpool
 
@@ -154,7 +165,9 @@ def mount(app: Any, service: CaptionService, api_auth: str | None = None) -> Cap
     def guarded(handler: Callable[..., Any]) -> Callable[..., Any]:
         def run(*args: Any) -> Any:
             try:
-                return handler(*args)
+                # Encoded here: file names with bytes that are not UTF-8 stay exact (\udcXX) instead
+                # of failing in FastAPI's encoder.
+                return Response(json_bytes(handler(*args)), media_type="application/json")
             except HTTPException:
                 raise
             except Exception as exc:

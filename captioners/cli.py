@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from captioners.display import display_path
+from captioners.display import display_path, json_bytes
 from captioners.errors import CaptionerError
 
 log = logging.getLogger("captioners")
@@ -95,30 +95,49 @@ def one_line(text: str) -> str:
 
 # ---- caption --------------------------------------------------------------------------------------
 def cmd_caption(args: argparse.Namespace) -> int:
-    from captioners.images import iter_image_files, load_image
+    from captioners.images import load_image
+    from captioners.options import checked_number
 
     options = decoding_options(args)
-    paths = list(iter_image_files(args.inputs, recursive=args.recursive))
-    if not paths:
-        raise CaptionerError("No images found in " + ", ".join(args.inputs))
+    batch_size = checked_number("batch_size", args.batch_size)
+    paths, failures = caption_inputs(args.inputs, args.recursive)
+    for path, reason in failures:
+        print(f"error: {display_path(path)}: {reason}", file=sys.stderr)
+    if not paths:  # nothing to caption: say so before spending a model load on it
+        hint = "" if args.recursive else " (sub-folders are searched only with -r/--recursive)"
+        raise CaptionerError(f"No images to caption in {', '.join(map(display_path, args.inputs))}{hint}.")
     captioner = load_captioner_from_args(args)
-    failures = 0
-    for start in range(0, len(paths), args.batch_size):
+    for start in range(0, len(paths), batch_size):
         chunk, images = [], []
-        for path in paths[start:start + args.batch_size]:
+        for path in paths[start:start + batch_size]:
             try:
                 images.append(load_image(path))
                 chunk.append(path)
             except CaptionerError as exc:
-                failures += 1
+                failures.append((path, str(exc)))
                 print(f"error: {exc}", file=sys.stderr)
         for path, caption in zip(chunk, captioner.caption(images, options)):
             if args.jsonl:
                 record = {"path": str(path), "caption": caption, "model": captioner.spec.id}
-                print(json.dumps(record, ensure_ascii=False), flush=True)
+                print(json_bytes(record).decode("utf-8"), flush=True)
             else:
-                print(f"{path}\t{one_line(caption)}", flush=True)
+                print(f"{display_path(path)}\t{one_line(caption)}", flush=True)
     return 1 if failures else 0
+
+
+def caption_inputs(inputs: Sequence[str], recursive: bool) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The images to caption, and the named inputs that cannot be (missing, a folder... not an image),
+    each checked from its header: no model is loaded for inputs that would all fail."""
+    from captioners.images import check_image_file, iter_image_files
+
+    paths, failures = [], []
+    for path in iter_image_files(inputs, recursive=recursive):
+        reason = check_image_file(path)
+        if reason:
+            failures.append((path, reason))
+        else:
+            paths.append(path)
+    return paths, failures
 
 
 def add_caption_parser(sub: argparse._SubParsersAction) -> None:

@@ -11,6 +11,7 @@ from typing import Iterable, Iterator
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from captioners.display import display_path
 from captioners.errors import ImageLoadError
 
 log = logging.getLogger(__name__)
@@ -96,18 +97,35 @@ def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Im
                     image.draft("RGB", _draft_size(image.size, min_side))
                 image.load()
                 return to_rgb(image)
-    except FileNotFoundError as exc:
-        raise ImageLoadError(f"{path}: file not found") from exc
-    except PermissionError as exc:
-        raise ImageLoadError(f"{path}: permission denied (the file is not readable)") from exc
-    except UnidentifiedImageError as exc:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageLoadError(f"{display_path(path)}: {open_failure(path, exc)}") from exc
+
+
+def open_failure(path: Path, exc: BaseException) -> str:
+    """Why an image file could not be opened, in words."""
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    if isinstance(exc, PermissionError):
+        return "permission denied (the file is not readable)"
+    if isinstance(exc, IsADirectoryError):
+        return "a folder, not an image file"
+    if isinstance(exc, UnidentifiedImageError):
         empty = path.is_file() and path.stat().st_size == 0
-        raise ImageLoadError(f"{path}: {'empty file (0 bytes)' if empty else 'not an image Pillow can read'}") from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageLoadError(f"{path}: too many pixels (possible decompression bomb): {exc}") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        reason = "truncated or corrupt image" if "truncated" in str(exc).lower() else str(exc)
-        raise ImageLoadError(f"{path}: {reason}") from exc
+        return "empty file (0 bytes)" if empty else "not an image Pillow can read"
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"too many pixels (possible decompression bomb): {exc}"
+    return "truncated or corrupt image" if "truncated" in str(exc).lower() else str(exc)
+
+
+def check_image_file(path: Path) -> str | None:
+    """Why ``path`` cannot be captioned, from its header alone (cheap: no decoding), or None."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path):
+                return None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return open_failure(path, exc)
 
 
 class EncodedImage:

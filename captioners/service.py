@@ -163,7 +163,7 @@ class CaptionService:
                   on_progress: Callable[[Any], None] | None = None,
                   stop: threading.Event | None = None) -> Any:
         """Caption a folder job (a ``captioners.batch.BatchJob`` or its mapping); returns its summary."""
-        from captioners.batch import BatchJob, run_batch
+        from captioners.batch import BatchJob, plan_job, run_batch
 
         if not isinstance(job, BatchJob):
             job = BatchJob.from_mapping(job)
@@ -171,6 +171,7 @@ class CaptionService:
         settings = self.settings()
         spec = self.spec(model)
         job = _with_default_decoding(job, settings.decoding)
+        plan = plan_job(job)  # bad inputs and outputs are refused before the model loads
         device = self.host.device(settings.device)
         stop = stop or threading.Event()
         with self._state_lock:
@@ -185,7 +186,7 @@ class CaptionService:
         try:
             with self.host.job("captioners batch", device):
                 with self._use(spec, settings, device) as captioner:
-                    return run_batch(captioner, job, on_progress=progress,
+                    return run_batch(captioner, job, on_progress=progress, plan=plan,
                                      should_stop=lambda: stop.is_set() or self.host.stop_requested())
         finally:
             with self._state_lock:

@@ -170,3 +170,32 @@ def test_an_oversized_or_nested_vocabulary_is_refused(tmp_path):
         handle.truncate(65 * 1024 * 1024)  # sparse: no disk used
     with pytest.raises(CaptionerError, match="too big"):
         load_plain_pickle(big)
+
+
+# ---- caption checks its inputs before loading the model --------------------------------------------
+def test_caption_checks_its_inputs_before_loading_the_model(tmp_path, photos, capsys, monkeypatch):
+    def refuse(args):
+        raise AssertionError("the model was loaded for inputs that cannot be captioned")
+
+    monkeypatch.setattr(cli, "load_captioner_from_args", refuse)
+    text = tmp_path / "notes.jpg"
+    text.write_text("a text file renamed .jpg")
+    (tmp_path / "empty").mkdir()
+    for inputs in ([str(tmp_path / "missing.jpg")], [str(text)], [str(tmp_path / "empty")],
+                   [str(tmp_path / "missing.png"), str(text)]):
+        assert cli.main(["caption", *inputs, "--models-dir", str(tmp_path / "models")]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: No images to caption")
+        assert ("file not found" in err) == ("missing" in " ".join(inputs))
+        assert ("not an image Pillow can read" in err) == (str(text) in inputs)
+
+
+def test_caption_reports_bad_inputs_and_captions_the_rest(tmp_path, photos, capsys, icg_checkpoint, tokenizer_dir,
+                                                          tiny_clip):
+    config, weights = tiny_clip
+    code = cli.main(["caption", str(tmp_path / "missing.jpg"), str(photos[0]), "--model", str(icg_checkpoint.path),
+                     "--clip-config", str(config), "--clip-weights", str(weights), "--tokenizer", str(tokenizer_dir),
+                     "--models-dir", str(tmp_path / "models"), "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 1 and captured.out.startswith(f"{photos[0]}\t")
+    assert f"error: {tmp_path / 'missing.jpg'}: file not found" in captured.err

@@ -1,14 +1,15 @@
 """``python -m captioners batch DIR... [options]``: caption training folders into sidecar files.
 
 Exit status: 0 when the run finished (even with some bad images), 1 when every image failed,
-2 when the run could not start (bad option, no images, missing weights), 130 when stopped by
-Ctrl-C / SIGTERM (the current batch is finished and written first; a second Ctrl-C stops at once).
+2 when the run could not start (bad option, no images, missing weights, an output that would replace
+an input), 3 when the captions were written but a combined output or the report could not be,
+130 when stopped by Ctrl-C / SIGTERM (the current batch is finished and written first; a second
+Ctrl-C stops at once).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 from collections import Counter
@@ -16,6 +17,7 @@ from typing import Any
 
 from captioners.batch.job import BatchJob, ExistingPolicy, Loader, TriggerMode
 from captioners.batch.report import BatchSummary, Progress
+from captioners.display import display_path, json_bytes
 
 SHOWN_CHANGES = 20  # dry run: changes printed (all of them with --json)
 
@@ -128,12 +130,19 @@ def cmd_batch(args: argparse.Namespace) -> int:
         summary = run_batch(captioner, job, on_progress=bar.update, should_stop=stop, plan=plan)
     _reconfigure_stdout()
     if args.json:
-        print(json.dumps(summary.to_dict(), ensure_ascii=False, indent=2))
+        print(json_bytes(summary.to_dict(), indent=2).decode("utf-8"))  # names with bad bytes as \udcXX
     else:
         print_summary(summary)
+    return exit_status(summary)
+
+
+def exit_status(summary: BatchSummary) -> int:
+    """See the module docstring; the first that applies."""
     if summary.interrupted:
         return 130
-    every_image_failed = bool(summary.failed) and not summary.captioned and not summary.skipped
+    if summary.output_failures:
+        return 3
+    every_image_failed = bool(summary.failed) and not (summary.captioned or summary.skipped or summary.resumed)
     return 1 if every_image_failed else 0
 
 
@@ -190,30 +199,33 @@ class ProgressBar:
 
 
 def print_summary(summary: BatchSummary) -> None:
+    """The summary as text; every path on one line whatever its name holds (see captioners.display)."""
     from captioners.cli import one_line
 
     verb = "would caption" if summary.dry_run else "captioned"
-    print(f"{verb} {summary.captioned}, skipped {summary.skipped} (caption exists), failed {len(summary.failed)} "
-          f"of {summary.total} images in {summary.elapsed_s:.1f} s ({summary.images_per_s:.2f} images/s)"
-          + (" - stopped early; rerun to caption the rest" if summary.interrupted else ""))
-    if summary.failed:
-        print(f"failed ({len(summary.failed)}):")
-        for path, reason in summary.failed:
-            print(f"  {path}: {reason}")
-    if summary.warnings:
-        print(f"warnings ({len(summary.warnings)}):")
-        for path, message in summary.warnings:
-            print(f"  {path}: {message}")
+    resumed = f", {summary.resumed} done by an earlier run of this job" if summary.resumed else ""
+    print(f"{verb} {summary.captioned}, skipped {summary.skipped} (caption exists){resumed}, failed "
+          f"{len(summary.failed)} of {summary.total} images in {summary.elapsed_s:.1f} s "
+          f"({summary.images_per_s:.2f} images/s)" + (" - stopped early; rerun to caption the rest"
+                                                       if summary.interrupted else ""))
+    for title, pairs in (("failed", summary.failed), ("warnings", summary.warnings),
+                         ("not written", summary.output_failures)):
+        if pairs:
+            print(f"{title} ({len(pairs)}):")
+            for path, reason in pairs:
+                print(f"  {display_path(path)}: {one_line(reason)}")
     if summary.dry_run:
         actions = Counter(change["action"] for change in summary.changes if change["image"])
         print("dry run, nothing written; would " + (", ".join(f"{k} {v}" for k, v in sorted(actions.items()))
                                                      or "change nothing"))
         for change in summary.changes[:SHOWN_CHANGES]:
-            print(f"  {change['action']:<9} {change['caption_file']}: {one_line(str(change['new']))}")
+            print(f"  {change['action']:<9} {display_path(change['caption_file'])}: {one_line(str(change['new']))}")
         if len(summary.changes) > SHOWN_CHANGES:
             print(f"  ... {len(summary.changes) - SHOWN_CHANGES} more (see --json)")
     elif summary.backups:
         print(f"backups of replaced files: {len(summary.backups)} (*.bak)")
+    if summary.resumed and summary.journal:
+        print(f"run journal: {display_path(summary.journal)} (delete it to apply --existing to those images again)")
 
 
 def _reconfigure_stdout() -> None:

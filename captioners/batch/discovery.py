@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from captioners.display import display_path
 from captioners.errors import CaptionerError
 from captioners.images import is_image_path
 
@@ -42,6 +43,28 @@ class Planned:
 class Discovery:
     items: list[Planned]
     failed: list[tuple[str, str]]  # images that cannot be captioned: (path, reason)
+    # Real paths (see real_key) of every image and caption file of the job: outputs must not be one.
+    image_keys: set[str] = field(default_factory=set)
+    caption_owners: dict[str, Path] = field(default_factory=dict)  # caption file key -> its image
+
+
+def real_key(path: str | os.PathLike) -> str:
+    """One spelling per file: ``ds/./a.txt``, ``ds/../ds/a.txt`` and a link to it all compare equal."""
+    return os.path.normcase(os.path.realpath(path))
+
+
+def link_out_of_tree(caption_file: Path, tree: Path) -> str | None:
+    """Why a caption file that is a symbolic link leading outside ``tree`` must not be touched, or None.
+
+    Reading, writing or backing it up would follow the link to a file the job never named (a link
+    in a downloaded dataset can point anywhere)."""
+    if not caption_file.is_symlink():
+        return None
+    target, root = os.path.realpath(caption_file), os.path.realpath(tree)
+    if os.path.commonpath([target, root]) == root:
+        return None
+    return (f"its caption file {display_path(caption_file)} is a symbolic link to {display_path(target)}, outside "
+            f"{display_path(tree)}; it is never followed: replace it with a plain file or remove it")
 
 
 def find_images(inputs: list[str], recursive: bool = False, file_list: str | None = None,
@@ -146,16 +169,22 @@ def plan_images(inputs: list[str], recursive: bool, file_list: str | None, exten
     seen_images: set[str] = set()
     owners: dict[str, Path] = {}
     for found in find_images(inputs, recursive, file_list, failed):
-        key = os.path.normcase(os.path.realpath(found.path))
+        key = real_key(found.path)
         if key in seen_images:
             continue
         seen_images.add(key)
         target = caption_path(found, extension, out_dir)
-        target_key = os.path.normcase(os.path.abspath(target))
+        refused = link_out_of_tree(target, out_dir or found.root)
+        if refused:
+            failed.append((str(found.path), refused))
+            continue
+        if target.is_symlink():  # a link within the tree: the file it names is the caption file
+            target = Path(os.path.realpath(target))
+        target_key = real_key(target)
         if target_key in owners:
-            failed.append((str(found.path), f"its caption file {target} is also the caption file of "
-                                            f"{owners[target_key]}; rename one of the two images"))
+            failed.append((str(found.path), f"its caption file {display_path(target)} is also the caption file "
+                                            f"of {display_path(owners[target_key])}; rename one of the two images"))
             continue
         owners[target_key] = found.path
         items.append(Planned(len(items), found.path, target))
-    return Discovery(items, failed)
+    return Discovery(items, failed, seen_images, owners)

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from captioners.batch.job import Loader
+from captioners.display import display_path
 from captioners.errors import ImageLoadError
 from captioners.images import load_image
 
@@ -62,7 +63,7 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             return index, self.preprocess(load_image(path, min_side=self.min_side))
         except ImageLoadError as exc:
-            return index, str(exc).removeprefix(f"{path}: ")
+            return index, str(exc).removeprefix(f"{display_path(path)}: ")
         except MemoryError:
             return index, "not enough memory to decode this image"
         except Exception as exc:  # a preprocessing failure must not end a long run

@@ -2,8 +2,12 @@
 
 They list every image of the job that has a caption after the run: the new ones and, so that a
 resumed run still yields complete files, the captions kept by the skip policy. Each file is written
-atomically at the end of the run (also when it was stopped). kohya's JSON is merged: other entries,
+atomically at the end of the run (also when it was stopped); a file that cannot be written is
+reported with its reason, and the others are still written. kohya's JSON is merged: other entries,
 and other fields of updated entries, are kept.
+
+:func:`check_output_paths` runs before the model loads: every output (and the report) must be
+writable, and none may be an input image, a caption file of the run or another output.
 """
 
 from __future__ import annotations
@@ -12,11 +16,14 @@ import csv
 import io
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from captioners.batch.discovery import Discovery, real_key
 from captioners.batch.writing import atomic_write, free_backup_path
+from captioners.display import display_path, json_bytes
 from captioners.errors import CaptionerError
 
 log = logging.getLogger(__name__)
@@ -55,8 +62,8 @@ class CombinedOutputs:
         if self.enabled:
             self.records[record.index] = record
 
-    def write(self, backup: bool) -> tuple[list[Path], list[Path], list[str]]:
-        """Write every enabled file; returns (written, backups, warnings)."""
+    def write(self, backup: bool) -> tuple[list[Path], list[Path], list[str], list[tuple[str, str]]]:
+        """Write every enabled file; returns (written, backups, warnings, failures as (path, reason))."""
         records = [self.records[i] for i in sorted(self.records)]
         contents: list[tuple[Path, bytes]] = []
         warnings: list[str] = []
@@ -67,15 +74,16 @@ class CombinedOutputs:
         if self.kohya:
             data, warnings = self._kohya(records)
             contents.append((self.kohya, data))
-        written, backups = [], []
+        written, backups, failures = [], [], []
         for path, data in contents:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if backup and path.is_file() and path.stat().st_size:
-                backups.append(free_backup_path(path))
-                atomic_write(backups[-1], path.read_bytes())
-            atomic_write(path, data)
+            try:
+                made = write_output(path, data, backup)
+            except OSError as exc:  # disk full, a folder in the way: the other outputs still get written
+                failures.append((str(path), f"cannot write it: {exc.strerror or exc}"))
+                continue
             written.append(path)
-        return written, backups, warnings
+            backups += [made] if made else []
+        return written, backups, warnings, failures
 
     def _jsonl(self, records: list[Record]) -> bytes:
         lines = []
@@ -83,15 +91,15 @@ class CombinedOutputs:
             item = {"path": str(r.image), "caption": r.caption, "caption_file": str(r.caption_file),
                     "model": self.model if r.new else None, "options": self.options if r.new else None,
                     "new": r.new}
-            lines.append(json.dumps(item, ensure_ascii=False))
-        return ("\n".join(lines) + "\n" if lines else "").encode("utf-8")
+            lines.append(json_bytes(item))  # a name with bytes that are not UTF-8 stays exact (\udcXX)
+        return b"".join(line + b"\n" for line in lines)
 
     def _csv(self, records: list[Record]) -> bytes:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(["path", "caption", "model"])
-        for r in records:
-            writer.writerow([str(r.image), r.caption, self.model if r.new else ""])
+        for r in records:  # CSV has no escapes: undecodable bytes are shown as \xNN
+            writer.writerow([display_path(r.image), r.caption, self.model if r.new else ""])
         return buffer.getvalue().encode("utf-8")
 
     def _kohya(self, records: list[Record]) -> tuple[bytes, list[str]]:
@@ -112,7 +120,7 @@ class CombinedOutputs:
             entry = dict(entry) if isinstance(entry, dict) else {}
             entry["caption"] = r.caption
             metadata[key] = entry
-        return (json.dumps(metadata, ensure_ascii=False, indent=2) + "\n").encode("utf-8"), warnings
+        return json_bytes(metadata, indent=2) + b"\n", warnings
 
 
 def read_kohya_metadata(path: Path) -> dict[str, Any]:
@@ -128,3 +136,73 @@ def read_kohya_metadata(path: Path) -> dict[str, Any]:
         raise CaptionerError(f"Cannot merge into {path}: kohya metadata must be a JSON object "
                              "{image_key: {\"caption\": ...}}. Choose another kohya_json file.")
     return data
+
+
+def write_output(path: Path, data: bytes, backup: bool) -> Path | None:
+    """Replace ``path`` atomically, keeping a numbered backup of a non-empty old file; the backup made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    made = None
+    if backup and path.is_file() and path.stat().st_size:
+        made = free_backup_path(path)
+        atomic_write(made, path.read_bytes())
+    atomic_write(path, data)
+    return made
+
+
+# Job field -> its command-line flag, for messages.
+OUTPUT_FLAGS = {"jsonl": "--jsonl", "csv": "--csv", "kohya_json": "--kohya-json", "report": "--report"}
+
+
+def check_output_paths(outputs: dict[str, str | None], plan: Discovery, folders: tuple[Path, ...] = ()) -> None:
+    """Refuse, before any work, outputs that would replace an input image, a caption file of this run
+    or another output (compared by real path, hard links included), or that cannot be written.
+    ``folders`` are further folders the run writes into (e.g. the run journal's)."""
+    seen: dict[str, str] = {}
+    for field, value in outputs.items():
+        if not value:
+            continue
+        path, name = Path(value).expanduser(), f"{field} ({OUTPUT_FLAGS[field]}) {display_path(value)}"
+        key = real_key(path)
+        if key in seen:
+            raise CaptionerError(f"{name} is the same file as {seen[key]}: give each output its own file.")
+        seen[key] = name
+        owner = _input_owning(path, key, plan)
+        if owner:
+            raise CaptionerError(f"{name} is {owner} of this run; writing it would destroy it: choose another file.")
+        if path.is_dir():
+            raise CaptionerError(f"{name} is a folder: give a file name.")
+        _check_folder(name, path.parent)
+    for folder in folders:
+        _check_folder(f"the folder {display_path(folder)}", folder)
+
+
+def _input_owning(path: Path, key: str, plan: Discovery) -> str | None:
+    if key in plan.image_keys:
+        return "an input image"
+    if key in plan.caption_owners:
+        return f"the caption file of {display_path(plan.caption_owners[key])}"
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    if stat.st_nlink > 1:  # another name of the same file: only then is every input worth a stat
+        same = (stat.st_dev, stat.st_ino)
+        for other in [*plan.image_keys, *plan.caption_owners]:
+            try:
+                other_stat = os.stat(other)
+            except OSError:
+                continue
+            if (other_stat.st_dev, other_stat.st_ino) == same:
+                return "a hard link to an input image or a caption file"
+    return None
+
+
+def _check_folder(name: str, folder: Path) -> None:
+    """The nearest existing folder above (missing ones are made at write time) is a writable folder."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CaptionerError(f"Cannot write {name}: {display_path(existing)} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CaptionerError(f"Cannot write {name}: the folder {display_path(existing)} is not writable.")

@@ -12,10 +12,10 @@ PREVIEWS = 8  # first captions kept in BatchSummary.previews
 
 @dataclass
 class Progress:
-    done: int              # images dealt with: captioned + skipped + failed
+    done: int              # images dealt with: captioned + skipped + resumed + failed
     total: int
     captioned: int
-    skipped: int
+    skipped: int           # existing captions kept, and files an earlier run of the job finished
     failed: int
     elapsed_s: float
     images_per_s: float    # images captioned or failed per second of captioning (skips excluded)
@@ -38,6 +38,10 @@ class BatchSummary:
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (path, message), e.g. long captions
     total: int = 0
     dry_run: bool = False
+    resumed: int = 0                                   # done by an earlier run of this job (the journal)
+    journal: str | None = None                         # the run journal (append, prepend, overwrite)
+    # Combined outputs or the report that could not be written: (path, reason). The captions are written.
+    output_failures: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: tuples become [path, text] lists."""
@@ -64,11 +68,11 @@ class Tracker:
 
     def progress(self) -> Progress:
         s = self.summary
-        done = s.captioned + s.skipped + len(s.failed)
+        done = s.captioned + s.skipped + s.resumed + len(s.failed)
         rate = self.rate()
         eta = (s.total - done) / rate if rate else (0.0 if done >= s.total else None)
-        return Progress(done, s.total, s.captioned, s.skipped, len(s.failed), time.perf_counter() - self.started,
-                        rate, eta, list(self.recent))
+        return Progress(done, s.total, s.captioned, s.skipped + s.resumed, len(s.failed),
+                        time.perf_counter() - self.started, rate, eta, list(self.recent))
 
     def finish(self) -> BatchSummary:
         self.summary.elapsed_s = time.perf_counter() - self.started

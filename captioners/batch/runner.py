@@ -7,7 +7,6 @@ run has written whole caption files only, and its combined outputs and report st
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -19,24 +18,36 @@ from captioners.base import Captioner
 from captioners.batch.discovery import Discovery, Planned, plan_images
 from captioners.batch.job import BatchJob, ExistingPolicy
 from captioners.batch.loading import ImageDataset, LoadedBatch, iter_batches
-from captioners.batch.outputs import CombinedOutputs, Record
+from captioners.batch.journal import RunJournal, journal_folder, journal_path
+from captioners.batch.outputs import CombinedOutputs, Record, check_output_paths, read_kohya_metadata, write_output
 from captioners.batch.report import PREVIEWS, RECENT, BatchSummary, Progress, Tracker
 from captioners.batch.shaping import clip_token_counter, shape_caption
-from captioners.batch.writing import (atomic_write, decide, has_caption, read_existing,
+from captioners.batch.writing import (decide, has_caption, read_bytes_no_follow, read_existing,
                                       remove_stale_temp_files, write_caption)
+from captioners.display import display_path, json_bytes
 from captioners.errors import CaptionerError
 
 log = logging.getLogger(__name__)
 
 
 def plan_job(job: BatchJob) -> Discovery:
-    """The job's images and caption files; raises CaptionerError when there is nothing to caption."""
+    """The job's images and caption files, with every output checked; a CaptionerError when the run
+    cannot start (nothing to caption, an output that would replace an input or cannot be written).
+    Meant to run before the model loads."""
     job.validate()
     plan = plan_images(job.inputs, job.recursive, job.file_list, job.extension, job.output_dir)
     if not plan.items and not plan.failed:
-        sources = ", ".join(job.inputs + ([f"file list {job.file_list}"] if job.file_list else [])) or "no inputs"
+        if not job.inputs and not job.file_list:
+            raise CaptionerError("No inputs given: name folders, images or glob patterns, or a file list.")
+        sources = ", ".join(map(display_path, job.inputs + ([f"file list {job.file_list}"] if job.file_list else [])))
         raise CaptionerError(f"No images found in {sources}" + ("" if job.recursive else
-                                                               " (use recursive to look into sub-folders)"))
+                             " (sub-folders are searched only with -r/--recursive; in the tab: Include "
+                             "sub-folders; in the API: \"recursive\": true)"))
+    outputs = {"jsonl": job.jsonl, "csv": job.csv, "kohya_json": job.kohya_json, "report": job.report}
+    journaled = job.existing != ExistingPolicy.SKIP and not job.dry_run
+    check_output_paths(outputs, plan, folders=(journal_folder(job),) if journaled else ())
+    if job.kohya_json:
+        read_kohya_metadata(Path(job.kohya_json).expanduser())  # a file that cannot be merged into stops here
     return plan
 
 
@@ -55,8 +66,13 @@ class _Run:
         self.summary = BatchSummary(total=len(plan.items) + len(plan.failed), dry_run=job.dry_run,
                                     failed=list(plan.failed))
         self.tracker = Tracker(self.summary, time.perf_counter())
+        self.options = captioner.decoding_options(job.decoding)
         self.outputs = CombinedOutputs(job.jsonl, job.csv, job.kohya_json, job.kohya_full_path,
-                                       captioner.spec.id, job.decoding.to_dict())
+                                       captioner.spec.id, self.options.to_dict())
+        self.journal = None
+        if job.existing != ExistingPolicy.SKIP and not job.dry_run:
+            self.journal = RunJournal(journal_path(job, captioner.spec.id, self.options.to_dict()))
+            self.summary.journal = str(self.journal.path)
         self.count_tokens: Callable[[str], int] | None = None  # made on first need (loading takes a moment)
 
     def execute(self) -> BatchSummary:
@@ -69,22 +85,30 @@ class _Run:
             if todo and not self._stop_requested():
                 self._caption_all(todo)
         finally:
+            if self.journal is not None:
+                self.journal.close()
             self._write_outputs()
         return self.tracker.finish()
 
     # ---- planning --------------------------------------------------------------------------
     def _skip_captioned(self) -> list[Planned]:
-        """Images left to caption; under skip, ones with a non-empty caption file are not even decoded."""
+        """Images left to caption. Not even decoded: under skip, ones with a non-empty caption file;
+        under the other policies, ones an earlier run of this very job already wrote (the journal)."""
         todo = []
         for item in self.plan.items:
             if self.job.existing == ExistingPolicy.SKIP and has_caption(item.caption_file):
                 self._skipped(item)
+            elif self.journal is not None and self.journal.finished(item.caption_file):
+                self._skipped(item, resumed=True)
             else:
                 todo.append(item)
         return todo
 
-    def _skipped(self, item: Planned) -> None:
-        self.summary.skipped += 1
+    def _skipped(self, item: Planned, resumed: bool = False) -> None:
+        if resumed:
+            self.summary.resumed += 1
+        else:
+            self.summary.skipped += 1
         if self.outputs.enabled:
             try:
                 text = read_existing(item.caption_file)[1] or ""
@@ -97,8 +121,7 @@ class _Run:
         captioner, job = self.captioner, self.job
         if not captioner.loaded:
             captioner.load()
-        options = captioner.decoding_options(job.decoding)
-        self.outputs.options = options.to_dict()
+        options = self.options
         min_side = captioner.image_size if job.fast_decode else None
         dataset = ImageDataset([item.image for item in todo], captioner.preprocessor(), min_side)
         pin = captioner.device is not None and captioner.device.type == "cuda"
@@ -143,10 +166,11 @@ class _Run:
                 self._fail(item, f"existing caption file {item.caption_file} is not UTF-8 text; "
                                  "convert it to UTF-8 or use the overwrite policy")
                 return
-            old_bytes = item.caption_file.read_bytes()
+            old_bytes = read_bytes_no_follow(item.caption_file)
             old = old_bytes.decode("utf-8", errors="replace")
         except OSError as exc:
-            self._fail(item, f"cannot read the existing caption file {item.caption_file}: {exc.strerror or exc}")
+            self._fail(item, f"cannot read the existing caption file {display_path(item.caption_file)}: "
+                             f"{exc.strerror or exc}")
             return
         decision = decide(old, text, job.existing, job.separator, job.dedupe_tags)
         if decision.action == "skip":  # a caption appeared since planning (e.g. another run)
@@ -156,10 +180,16 @@ class _Run:
             summary.changes.append({"image": str(item.image), "caption_file": str(item.caption_file),
                                     "action": decision.action, "old": decision.old, "new": decision.text})
         elif decision.action != "unchanged":
+            replacing = bool(old_bytes and old_bytes.strip())
             try:
+                if self.journal is not None:
+                    self.journal.will_write(item.caption_file, decision.text, durable=replacing)
                 backup = write_caption(item.caption_file, decision.text, old_bytes, job.backup)
+                if self.journal is not None:
+                    self.journal.wrote(item.caption_file)
             except OSError as exc:
-                self._fail(item, f"cannot write {item.caption_file}: {exc.strerror or exc}")
+                self._fail(item, f"cannot write {display_path(exc.filename or item.caption_file)}: "
+                                 f"{exc.strerror or exc}")
                 return
             summary.written.append(str(item.caption_file))
             if backup:
@@ -203,14 +233,19 @@ class _Run:
                                  "new": f"{len(self.outputs.records)} captions"} for path in self.outputs.paths]
             return
         if self.outputs.enabled:
-            written, backups, warnings = self.outputs.write(job.backup)
+            written, backups, warnings, failures = self.outputs.write(job.backup)
             summary.written += [str(p) for p in written]
             summary.backups += [str(p) for p in backups]
             summary.warnings += [(str(self.outputs.kohya), w) for w in warnings]
-        if job.report:
+            summary.output_failures += failures
+        if job.report:  # last, so that it lists what the other outputs did
             self.tracker.finish()
-            report = {"job": job.to_dict(), "model": self.captioner.spec.id, "summary": summary.to_dict()}
             path = Path(job.report).expanduser()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, (json.dumps(report, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
+            report = {"job": job.to_dict(), "model": self.captioner.spec.id, "summary": summary.to_dict()}
+            try:
+                backup = write_output(path, json_bytes(report, indent=2) + b"\n", job.backup)
+            except OSError as exc:
+                summary.output_failures.append((str(path), f"cannot write it: {exc.strerror or exc}"))
+                return
             summary.written.append(str(path))
+            summary.backups += [str(backup)] if backup else []

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import secrets
@@ -36,13 +37,30 @@ class Decision:
     old: str | None = None   # its content before (None: no file)
 
 
+# Planning resolved the caption files that are links within the dataset; a link found at read time
+# appeared since, and is refused rather than followed.
+_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def read_bytes_no_follow(path: Path) -> bytes:
+    """The file's bytes; an OSError (ELOOP) instead of following a symbolic link."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NO_FOLLOW)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "it is a symbolic link, which is never followed", str(path)) from None
+        raise
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read()
+
+
 def read_existing(path: Path) -> tuple[bytes | None, str | None]:
     """The caption file's bytes and text (None, None when it does not exist).
 
     Raises UnicodeDecodeError for a file that is not UTF-8, so it is never rewritten blindly.
     """
     try:
-        data = path.read_bytes()
+        data = read_bytes_no_follow(path)
     except FileNotFoundError:
         return None, None
     return data, data.decode("utf-8-sig")
@@ -51,7 +69,7 @@ def read_existing(path: Path) -> tuple[bytes | None, str | None]:
 def has_caption(path: Path) -> bool:
     """A non-empty caption file exists (an empty one counts as not captioned yet)."""
     try:
-        return path.stat().st_size > 0 and bool(path.read_bytes().strip())
+        return bool(read_bytes_no_follow(path).strip())
     except OSError:
         return False
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 from html import escape
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
+from captioners.display import display_path
+
 if TYPE_CHECKING:
     from captioners.registry import ModelRow
 
@@ -71,7 +73,8 @@ def pairs_table(pairs: Iterable[tuple[str, str]], header: tuple[str, str], empty
     pairs = list(pairs)
     if not pairs:
         return f"<p>{escape(empty)}</p>"
-    rows = "".join(f"<tr><td><code>{escape(str(a))}</code></td><td>{escape(str(b))}</td></tr>" for a, b in pairs[:limit])
+    rows = "".join(f"<tr><td><code>{escape(display_path(str(a)))}</code></td><td>{escape(str(b))}</td></tr>"
+                   for a, b in pairs[:limit])
     more = f"<p>… and {len(pairs) - limit} more</p>" if len(pairs) > limit else ""
     return (f"<table class='captioners-table'><thead><tr><th>{escape(header[0])}</th><th>{escape(header[1])}</th>"
             f"</tr></thead><tbody>{rows}</tbody></table>{more}")
