@@ -1,30 +1,44 @@
 """The standalone app: ``python -m captioners ui`` serves the WebUI's Captioners tab on its own.
 
 Bound to 127.0.0.1 unless ``--host`` says otherwise. ``--api`` adds the same REST routes as the
-WebUI extension (``/captioners/v1/...``).
+WebUI extension (``/captioners/v1/...``). ``--auth user:password`` puts HTTP basic auth in front of
+everything the app serves; a ``--host`` other machines can reach needs it (or
+``--allow-unauthenticated``).
+
+The app is a FastAPI app of our own: the REST routes, then the gradio Blocks mounted at ``/`` with
+``gradio.mount_gradio_app``, wrapped (with auth) in :class:`captioners.auth.BasicAuthMiddleware`,
+and served by uvicorn. The wrapper is built before the socket is even bound, so there is no moment
+when a route answers without credentials.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import inspect
 import logging
 import os
+import socket
 from pathlib import Path
+from typing import Any, Callable, Mapping
+from urllib.parse import quote
 
 from captioners.errors import CaptionerError
 
 log = logging.getLogger(__name__)
 
 STYLE = Path(__file__).resolve().parents[1] / "style.css"  # the extension's style.css, in a checkout
+API_PREFIX = "/captioners/v1"
 
 
 def add_ui_parser(sub: argparse._SubParsersAction) -> None:
     from captioners.cli import DEFAULT_MODEL, add_common
-    from captioners.service import AFTER_USE
+    from captioners.service import AFTER_USE, MAX_IMAGE_MPIXELS, MAX_REQUEST_MPIXELS
 
     parser = sub.add_parser("ui", help="open the Captioners tab as a web app (needs gradio)")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it to your network)")
+                        help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it to your network, "
+                             "and then needs --auth)")
     parser.add_argument("--port", type=int, default=7862)
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model selected at start (default {DEFAULT_MODEL})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -32,7 +46,17 @@ def add_ui_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--after-use", choices=AFTER_USE, default="keep",
                         help="keep the model loaded, offload it to CPU RAM, or unload it after each job")
     parser.add_argument("--api", action="store_true", help="also serve the REST API under /captioners/v1")
-    parser.add_argument("--api-auth", help="user:password[,user:password] for the REST API (HTTP basic)")
+    parser.add_argument("--max-image-mpixels", type=float, default=MAX_IMAGE_MPIXELS, metavar="N",
+                        help=f"API: refuse (413) images of more than N million pixels (default {MAX_IMAGE_MPIXELS})")
+    parser.add_argument("--max-request-mpixels", type=float, default=MAX_REQUEST_MPIXELS, metavar="N",
+                        help="API: refuse requests whose images have more than N million pixels together "
+                             f"(default {MAX_REQUEST_MPIXELS})")
+    parser.add_argument("--auth", "--api-auth", dest="auth", metavar="USER:PASSWORD[,...]",
+                        help="require HTTP basic auth with one of these logins for the whole app: the page, "
+                             "gradio's endpoints behind it and the REST API (--api-auth is the older spelling)")
+    parser.add_argument("--allow-unauthenticated", action="store_true",
+                        help="allow a --host other machines can reach without --auth: anyone who reaches the "
+                             "port can then caption, run batches that write files here, and save local paths")
     add_common(parser)
     parser.set_defaults(func=cmd_ui)
 
@@ -41,38 +65,144 @@ def build_service(args: argparse.Namespace):
     from captioners.paths import resolve_models_dir
     from captioners.service import CaptionService, Host, Settings
 
+    for name in ("max_image_mpixels", "max_request_mpixels"):
+        if getattr(args, name) <= 0:
+            raise CaptionerError(f"--{name.replace('_', '-')} must be above 0 (got {getattr(args, name):g}).")
     settings = Settings(models_dir=resolve_models_dir(args.models_dir), model=args.model, device=args.device,
-                        dtype=args.dtype, after_use=args.after_use)
+                        dtype=args.dtype, after_use=args.after_use, max_image_mpixels=args.max_image_mpixels,
+                        max_request_mpixels=args.max_request_mpixels)
     return CaptionService(Host(lambda: settings))
 
 
-def cmd_ui(args: argparse.Namespace) -> int:
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    try:
-        import gradio  # noqa: F401
-    except ImportError as exc:
-        raise CaptionerError("The UI needs gradio: pip install 'gradio>=3.41.2' "
-                             "(or install this package with the [ui] extra).") from exc
-    from captioners.ui import build_tab
-    from captioners.ui.compat import launch_kwargs, queue_kwargs
+# ---- addresses ------------------------------------------------------------------------------------
+def _bare(host: str) -> str:
+    host = host.strip()
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
-    service = build_service(args)
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def display_url(host: str, port: int) -> str:
+    """The address to open in a browser (the one gradio printed: localhost for 0.0.0.0)."""
+    host = _bare(host)
+    return f"http://{_url_host('localhost' if host in ('', '0.0.0.0', '::') else host)}:{port}/"
+
+
+def self_url(host: str, port: int, credentials: Mapping[str, str]) -> str:
+    """Where the app reaches itself, with the first login: gradio 3's queue runs each event by an
+    HTTP request to its own server (``/api/predict``, ``/reset``), which the auth wrapper guards too."""
+    host = _bare(host)
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "localhost": "127.0.0.1", "::": "::1"}.get(host.lower(), host)
+    user, password = next(iter(credentials.items()))
+    return f"http://{quote(user, safe='')}:{quote(password, safe='')}@{_url_host(host)}:{port}/"
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound (as uvicorn would bind it) but not yet listening: a taken port is
+    a one-line error, and connections are refused until uvicorn serves the finished app on it."""
+    host = _bare(host)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        hint = "; is another program using it? Pick another --port" if exc.errno == errno.EADDRINUSE else ""
+        raise CaptionerError(f"Cannot listen on {_url_host(host)}:{port}: {reason}{hint}") from None
+    return sock
+
+
+# ---- the app --------------------------------------------------------------------------------------
+def build_app(service: Any, credentials: Mapping[str, str] | None = None, api: bool = False,
+              host: str = "127.0.0.1", port: int = 7862) -> tuple[Any, Any]:
+    """(the ASGI app to serve, the gradio Blocks). With ``credentials`` ({user: password}) the ASGI
+    app is the auth wrapper around everything; without, the FastAPI app itself."""
+    import gradio as gr
+    from fastapi import FastAPI
+
+    from captioners.auth import BasicAuthMiddleware
+    from captioners.ui import build_tab
+    from captioners.ui.compat import queue_kwargs
+
     css = STYLE.read_text(encoding="utf-8") if STYLE.is_file() else None
     demo = build_tab(service, title="Captioners", css=css)
     demo.queue(**queue_kwargs(4))
-    app, url, _ = demo.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True,
-                              inbrowser=False, quiet=True, **launch_kwargs(css=css))
-    if args.api:
-        from captioners import api
+    app = FastAPI(docs_url=None, redoc_url=None)
+    if api:
+        from captioners import api as rest
 
-        api.mount(app, service, args.api_auth)
-    print(f"Captioners UI at {url}" + (f" (API under {url.rstrip('/')}{'/captioners/v1'})" if args.api else ""),
-          flush=True)
+        rest.mount(app, service, None)  # before the gradio mount at "/", which would shadow them
+    gr.mount_gradio_app(app, demo, path="/", **_mount_kwargs(gr.mount_gradio_app, css, host, port, credentials))
+    return (BasicAuthMiddleware(app, credentials) if credentials else app), demo
+
+
+def _mount_kwargs(mount: Callable[..., Any], css: str | None, host: str, port: int,
+                  credentials: Mapping[str, str] | None) -> dict[str, Any]:
+    params = inspect.signature(mount).parameters
+    kwargs: dict[str, Any] = {}
+    if css and "css" in params:  # gradio 6: the page's CSS is a launch / mount argument, no longer gr.Blocks'
+        kwargs["css"] = css
+    if "server_name" in params:
+        kwargs.update(server_name=host, server_port=port)
+    if credentials and "gradio_api_url" in params:  # gradio 3 (see self_url)
+        kwargs["gradio_api_url"] = self_url(host, port, credentials)
+    return kwargs
+
+
+def serve(app: Any, host: str, port: int, on_started: Callable[[], None] = lambda: None) -> None:
+    """Run uvicorn on ``host:port`` until Ctrl-C / SIGTERM; ``on_started`` once it accepts connections."""
+    import uvicorn
+
+    sock = bind_socket(host, port)
+    options: dict[str, Any] = {"log_level": "warning", "lifespan": "on",  # gradio starts its queue there
+                               "ws_max_size": 1024 * 1024 * 1024}  # gradio 3 sends images over its websocket
+    if "timeout_graceful_shutdown" in inspect.signature(uvicorn.Config).parameters:
+        options["timeout_graceful_shutdown"] = 5  # open event streams must not hold up Ctrl-C
+    config = uvicorn.Config(app, host=_bare(host), port=port, **options)  # (configures uvicorn's loggers)
+    from captioners.auth import DeniedHandshakeFilter
+
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, DeniedHandshakeFilter) for f in uvicorn_log.filters):
+        uvicorn_log.addFilter(DeniedHandshakeFilter())
+
+    class Server(uvicorn.Server):
+        async def startup(self, *args: Any, **kwargs: Any) -> None:
+            await super().startup(*args, **kwargs)
+            if self.started and not self.should_exit:
+                on_started()
+
     try:
-        demo.block_thread()
-    except KeyboardInterrupt:
+        Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from captioners.auth import check_bind, is_loopback, parse_auth
+
+    credentials = parse_auth(args.auth)
+    check_bind(args.host, credentials, args.allow_unauthenticated)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio  # noqa: F401
+        import uvicorn  # noqa: F401  (a gradio dependency)
+    except ImportError as exc:
+        raise CaptionerError("The UI needs gradio: pip install 'gradio>=3.41.2' "
+                             "(or install this package with the [ui] extra).") from exc
+    if not credentials and not is_loopback(args.host):
+        log.warning("Serving on %s without --auth: anyone who can reach it can use the app.", args.host)
+
+    service = build_service(args)
+    app, _ = build_app(service, credentials, api=args.api, host=args.host, port=args.port)
+    url = display_url(args.host, args.port)
+    line = f"Captioners UI at {url}" + (f" (API under {url.rstrip('/')}{API_PREFIX})" if args.api else "")
+    try:
+        serve(app, args.host, args.port, lambda: print(line, flush=True))
+    except KeyboardInterrupt:  # uvicorn shut down cleanly, then passed Ctrl-C on
         pass
     finally:
-        demo.close()
         service.unload()
     return 0

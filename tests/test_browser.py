@@ -208,3 +208,60 @@ def test_batch_shows_progress_and_summary_then_interrupts_a_second_one(page, pho
     written = len(list(big.glob("*.txt")))
     assert 0 < written < 600
     assert not list(big.glob("*.tmp*")), "an interrupted run leaves no partial files"
+
+
+@pytest.fixture(scope="module")
+def auth_app_url(models_dir, tmp_path_factory):
+    """The app again, with ``--auth alice:secret --api``."""
+    from tests.test_app_auth import running_app
+
+    log_path = tmp_path_factory.mktemp("auth-app-log") / "app.log"
+    with running_app(models_dir, log_path, "--auth", "alice:secret", "--api") as app:
+        assert app.statuses == [401]
+        yield app.url
+
+
+def test_with_auth_the_browser_logs_in_and_captions(browser, auth_app_url, models_dir, photos):
+    """HTTP basic auth in front of the whole app: the browser's credentials (a login prompt for a
+    person) go with the page's every request, gradio's queue included, and a caption comes back."""
+    from playwright.sync_api import expect
+
+    from playwright.sync_api import Error
+
+    anonymous = browser.new_context()  # no credentials: the browser gets the 401, never the page
+    try:
+        page = anonymous.new_page()
+        try:
+            response = page.goto(auth_app_url)
+        except Error as exc:  # headless chromium under Playwright: the unanswered challenge fails the load
+            assert "ERR_INVALID_AUTH_CREDENTIALS" in str(exc)
+        else:
+            assert response.status == 401
+        assert page.locator("#captioners_caption_button").count() == 0
+        response = anonymous.request.get(auth_app_url)
+        assert response.status == 401 and 'realm="Captioners"' in response.headers["www-authenticate"]
+    finally:
+        anonymous.close()
+
+    settings = Settings(models_dir=models_dir, model=TINY, device="cpu")
+    expected = CaptionService(Host(lambda: settings)).caption([Image.open(photos[1])])[1][0]
+    context = browser.new_context(viewport={"width": 1400, "height": 1000},
+                                  http_credentials={"username": "alice", "password": "secret"})
+    context.set_default_timeout(TIMEOUT_MS)
+    try:
+        page = context.new_page()
+        statuses = []
+        page.on("response", lambda response: statuses.append((response.status, response.url)))
+        page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(auth_app_url)
+                   else route.abort())
+        assert page.goto(auth_app_url).status == 200
+        page.set_input_files("#captioners_image input[type=file]", str(photos[1]))
+        page.wait_for_selector("#captioners_image img")
+        page.click("#captioners_caption_button")
+        expect(page.locator("#captioners_caption textarea")).to_have_value(expected)
+        expect(page.locator("#captioners_status textarea")).to_have_value(re.compile(rf"^{TINY} · [0-9.]+ s$"))
+        # Only the challenge answered by the credentials may be a 401; everything else got through.
+        assert [url for status, url in statuses if status == 401] in ([], [auth_app_url])
+        assert page.evaluate("async () => (await fetch('captioners/v1/models')).status") == 200
+    finally:
+        context.close()

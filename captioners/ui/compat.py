@@ -34,15 +34,11 @@ def error(message: str) -> Exception:
 
 
 def blocks_kwargs(title: str | None = None, css: str | None = None) -> dict[str, Any]:
-    """gr.Blocks(...) arguments; from gradio 6 the page's CSS goes to launch() instead."""
+    """gr.Blocks(...) arguments; from gradio 6 the page's CSS goes to mount_gradio_app() instead (app.py)."""
     kwargs: dict[str, Any] = {"title": title} if title else {}
     if css and GRADIO_MAJOR < 6:
         kwargs["css"] = css
     return kwargs
-
-
-def launch_kwargs(css: str | None = None) -> dict[str, Any]:
-    return {"css": css} if css and GRADIO_MAJOR >= 6 else {}
 
 
 def queue_kwargs(concurrency: int) -> dict[str, Any]:
