@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# Create or update a virtual environment with the package and its test tools; print its path.
+# Create or update a virtual environment with the package; print its path.
 #
-#   tools/setup.sh            current releases, in .venv
-#   tools/setup.sh a1111      A1111 1.10's pins (tools/pins/a1111.txt), in .venv-a1111
-#   tools/setup.sh forge      Forge's pins (tools/pins/forge.txt), in .venv-forge
+#   tools/setup.sh run        the package alone, in .venv (what tools/run.sh uses)
+#   tools/setup.sh current    the package and its test tools, current releases, in .venv
+#   tools/setup.sh a1111      the same with A1111 1.10's pins (tools/pins/a1111.txt), in .venv-a1111
+#   tools/setup.sh forge      the same with Forge's pins (tools/pins/forge.txt), in .venv-forge
 #
+# Installing is skipped when this checkout's pyproject.toml (and pin file) were installed into that
+# environment already: a second call costs a second, not pip's ~30 s of resolving.
 # The pinned environments reuse .venv's torch through a .pth file instead of installing a second
 # multi-GB copy; their own packages come first on sys.path, so the pins are what gets imported.
+# CAPTIONERS_VENV puts the main environment elsewhere (default: .venv in the checkout).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-pins=${1:-current}
+mode=${1:-current}
 python=${PYTHON:-python3}
 # torch 2.14.1 / torchvision 0.29.1 are a matching pair (PyPI's torchvision does not import beside
-# some other torch builds); override with TORCH_PACKAGES="torch torchvision" to take the newest.
+# some other torch builds); a CUDA build, ~6 GB. Another torch: TORCH_PACKAGES="torch torchvision
+# --index-url https://download.pytorch.org/whl/cpu" (CPU only, ~1 GB), or any pip arguments.
 torch_packages=${TORCH_PACKAGES:-"torch==2.14.1 torchvision==0.29.1"}
 pip_flags=(--quiet --disable-pip-version-check)
 
@@ -26,36 +31,64 @@ overlay() {
   echo "import site; site.addsitedir('$base_site')" > "$site/_base_venv.pth"
 }
 
-base="$root/.venv"
+# install VENV WHAT FILE... : run `pip install WHAT` unless the same FILEs were installed with WHAT
+# before (a stamp in the venv) and the package imports from this checkout.
+install() {
+  local venv=$1 what=$2 stamp="$1/.captioners-installed" key
+  shift 2
+  key="$(cat "$@" | sha256sum | cut -d' ' -f1) $what"
+  if [ -f "$stamp" ] && grep -qxF -- "$key" "$stamp" && "$venv/bin/python" -c \
+      "import captioners, sys; sys.exit(not captioners.__file__.startswith('$root/'))" >/dev/null 2>&1; then
+    return 0
+  fi
+  log "installing $what into $venv"
+  # shellcheck disable=SC2086  # $what is pip arguments
+  "$venv/bin/pip" install "${pip_flags[@]}" $what 2>&1 | grep -v -e "is ignored" -e "outside environment" >&2 || true
+  echo "$key" >> "$stamp"
+}
+
+case "$mode" in
+  run) extras="" ;;
+  current|*) extras="[test]" ;;
+esac
+
+base="${CAPTIONERS_VENV:-$root/.venv}"
 if [ ! -x "$base/bin/python" ]; then
   log "creating $base"
   "$python" -m venv "$base"
   # BASE_VENV: reuse another checkout's environment (e.g. a git worktree) instead of a new torch.
   if [ -n "${BASE_VENV:-}" ]; then overlay "$base" "$BASE_VENV"; fi
 fi
-if ! "$base/bin/python" -c "import torch, torchvision" >/dev/null 2>&1; then
+# Found, not imported: importing a CUDA torch takes seconds, and it is imported for real after installing.
+if ! "$base/bin/python" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('torch') and u.find_spec('torchvision')))" \
+    >/dev/null 2>&1; then
   log "installing $torch_packages (large, once)"
+  # shellcheck disable=SC2086
   "$base/bin/pip" install "${pip_flags[@]}" $torch_packages 2>&1 | grep -v "is ignored" >&2 || true
   "$base/bin/python" -c "import torch, torchvision" || { log "torch did not install"; exit 1; }
 fi
-log "installing the package and test tools into $base"
-"$base/bin/pip" install "${pip_flags[@]}" -e "$root[test]" 2>&1 | grep -v "is ignored" >&2 || true
+# The test tools include the package itself, so a test install also serves the plain one.
+if [ -z "$extras" ] && [ -f "$base/.captioners-installed" ] \
+    && grep -qF " -e $root[test]" "$base/.captioners-installed"; then
+  install "$base" "-e $root[test]" "$root/pyproject.toml"
+else
+  install "$base" "-e $root$extras" "$root/pyproject.toml"
+fi
 
-if [ "$pins" = current ]; then
+if [ "$mode" = current ] || [ "$mode" = run ]; then
   echo "$base"
   exit 0
 fi
 
-pin_file="$root/tools/pins/$pins.txt"
-[ -f "$pin_file" ] || { log "no pin set $pins (have: $(ls "$root/tools/pins" | sed 's/.txt//' | tr '\n' ' '))"; exit 1; }
-venv="$root/.venv-$pins"
+pin_file="$root/tools/pins/$mode.txt"
+[ -f "$pin_file" ] || { log "no pin set $mode (have: $(ls "$root/tools/pins" | sed 's/.txt//' | tr '\n' ' '))"; exit 1; }
+venv="$root/.venv-$mode"
 if [ ! -x "$venv/bin/python" ]; then
   log "creating $venv"
   "$python" -m venv "$venv"
 fi
 overlay "$venv" "$base"
-log "installing pin set $pins into $venv"
-"$venv/bin/pip" install "${pip_flags[@]}" -r "$pin_file" 2>&1 | grep -v -e "is ignored" -e "outside environment" >&2 || true
+install "$venv" "-r $pin_file" "$pin_file" "$root/pyproject.toml"
 "$venv/bin/python" - "$pin_file" <<'PY'
 import sys
 from importlib.metadata import version
