@@ -35,11 +35,13 @@ def add_ui_parser(sub: argparse._SubParsersAction) -> None:
     from captioners.cli import DEFAULT_MODEL, add_common
     from captioners.service import AFTER_USE, MAX_IMAGE_MPIXELS, MAX_REQUEST_MPIXELS
 
-    parser = sub.add_parser("ui", help="open the Captioners tab as a web app (needs gradio)")
+    parser = sub.add_parser("ui", help="open the Captioners tab as a web app (needs gradio)",
+                            description="Serve the Captioners tab (Caption, Batch, Models) as a web app, "
+                                        "optionally with the REST API (--api), behind a login (--auth).")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it to your network, "
                              "and then needs --auth)")
-    parser.add_argument("--port", type=int, default=7862)
+    parser.add_argument("--port", type=int, default=7862, help="port to listen on (default 7862)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model selected at start (default {DEFAULT_MODEL})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16")

@@ -1,13 +1,15 @@
-"""Command line: ``python -m captioners {caption,batch,models,download,convert} ...``.
+"""Command line: python -m captioners caption | batch | models | download | convert | ui.
 
-Errors meant for users are one line on stderr and a non-zero exit; ``--debug`` shows tracebacks.
+Errors meant for users are a short message on stderr (no traceback unless --debug) and exit status 2.
 """
+
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -18,6 +20,10 @@ from captioners.errors import CaptionerError
 log = logging.getLogger("captioners")
 
 DEFAULT_MODEL = "clip-prefix-flickr8k-gradient"
+
+DESCRIPTION = ("Image captioners (CLIP-prefix / ClipCap, SBG, FuseCap). Commands: caption (print captions), "
+               "batch (caption folders into caption files), models (list models and their files), download "
+               "(fetch a model's files), convert (.pt to .safetensors), ui (the Captioners tab as a web app).")
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
@@ -45,18 +51,20 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def add_decoding_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("decoding (unset options take the model's defaults)")
-    group.add_argument("--strategy", choices=("greedy", "beam", "sample"))
-    group.add_argument("--num-beams", type=int)
-    group.add_argument("--max-new-tokens", type=int)
-    group.add_argument("--min-new-tokens", type=int)
-    group.add_argument("--temperature", type=float)
-    group.add_argument("--top-p", type=float)
-    group.add_argument("--top-k", type=int)
-    group.add_argument("--repetition-penalty", type=float)
-    group.add_argument("--seed", type=int, help="makes sampling reproducible")
-    group.add_argument("--num-candidates", type=int, help="SBG: captions sampled per image before re-ranking")
+    group.add_argument("--strategy", choices=("greedy", "beam", "sample"),
+                       help="greedy (argmax), beam search, or sampling")
+    group.add_argument("--num-beams", type=int, metavar="N", help="beams of beam search (1-32)")
+    group.add_argument("--max-new-tokens", type=int, metavar="N", help="longest caption, in tokens")
+    group.add_argument("--min-new-tokens", type=int, metavar="N", help="shortest caption, in tokens (FuseCap)")
+    group.add_argument("--temperature", type=float, help="sampling and beam temperature (above 0)")
+    group.add_argument("--top-p", type=float, help="nucleus sampling: keep the most likely tokens up to this mass")
+    group.add_argument("--top-k", type=int, metavar="K", help="sampling: keep the K most likely tokens")
+    group.add_argument("--repetition-penalty", type=float, help="above 1 discourages repeated tokens")
+    group.add_argument("--seed", type=int, help="makes sampling reproducible (the same caption alone or in a batch)")
+    group.add_argument("--num-candidates", type=int, metavar="N", help="SBG: captions sampled per image before re-ranking")
     group.add_argument("--prompt", help="FuseCap: text the caption continues")
-    group.add_argument("--keep-prompt", action=argparse.BooleanOptionalAction, default=None)
+    group.add_argument("--keep-prompt", action=argparse.BooleanOptionalAction, default=None,
+                       help="FuseCap: keep the prompt at the start of the caption (default: removed)")
     group.add_argument("--raw", dest="postprocess_captions", action="store_false", default=None,
                        help="skip the preset's caption clean-up")
 
@@ -141,10 +149,11 @@ def caption_inputs(inputs: Sequence[str], recursive: bool) -> tuple[list[Path], 
 
 
 def add_caption_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("caption", help="caption images and print path<TAB>caption")
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    parser = sub.add_parser("caption", help="caption images and print path<TAB>caption",
+                            description="Caption images and print path<TAB>caption per image (nothing is written).")
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
     parser.add_argument("--recursive", "-r", action="store_true", help="look into sub-folders")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="images captioned together (default 8)")
     parser.add_argument("--jsonl", action="store_true", help="print one JSON object per image")
     add_model_options(parser)
     add_decoding_options(parser)
@@ -202,18 +211,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def add_info_parsers(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("models", help="list model ids, where their files go and whether they are present")
-    parser.add_argument("--json", action="store_true")
+    text = "list model ids, where their files go and whether they are present"
+    parser = sub.add_parser("models", help=text, description=text[0].upper() + text[1:] + ".")
+    parser.add_argument("--json", action="store_true", help="print the listing as JSON")
     add_common(parser)
     parser.set_defaults(func=cmd_models)
 
-    parser = sub.add_parser("download", help="download the files of one or more models into the models folder")
-    parser.add_argument("models", nargs="+", metavar="MODEL_ID")
+    text = "download every file of one or more models into the models folder (then they run offline)"
+    parser = sub.add_parser("download", help=text, description=text[0].upper() + text[1:] + ".")
+    parser.add_argument("models", nargs="+", metavar="MODEL_ID", help="model ids, as the models command lists them")
     add_common(parser)
     parser.set_defaults(func=cmd_download)
 
-    parser = sub.add_parser("convert", help="convert .pt checkpoints to .safetensors beside them (read safely)")
-    parser.add_argument("files", nargs="+", metavar="FILE.pt")
+    text = "convert .pt checkpoints to .safetensors beside them (read safely; the copy is used from then on)"
+    parser = sub.add_parser("convert", help=text, description=text[0].upper() + text[1:] + ".")
+    parser.add_argument("files", nargs="+", metavar="FILE.pt", help="checkpoints to convert")
     add_common(parser)
     parser.set_defaults(func=cmd_convert)
 
@@ -235,7 +247,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_caption_p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m captioners", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m captioners", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)
@@ -247,6 +259,10 @@ def setup_logging(debug: bool, quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
     log.setLevel(level)
     if not debug:
+        # transformers and huggingface_hub set their loggers' level when they are imported (later, on
+        # first use), and hub also prints through a handler of its own: tell them through their variables.
+        for variable in ("TRANSFORMERS_VERBOSITY", "HF_HUB_VERBOSITY"):
+            os.environ.setdefault(variable, "error")
         for noisy in ("transformers", "huggingface_hub", "open_clip", "timm"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
 

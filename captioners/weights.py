@@ -7,6 +7,7 @@ pickles that would run code.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -18,7 +19,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 
@@ -360,6 +361,21 @@ def read_checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
         return read_tensor_shapes(path)
     except Exception:  # unreadable here means unknown; loading the file reports the real problem
         return None
+
+
+@contextlib.contextmanager
+def quiet_model_building() -> Iterator[None]:
+    """transformers >= 5 draws a "Loading weights" progress bar for every from_pretrained, even from a
+    state dict in memory: noise in every run. Its setting is restored afterwards (downloads keep theirs)."""
+    from transformers.utils import logging as transformers_logging
+
+    was_on = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            transformers_logging.enable_progress_bar()
 
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: Path,

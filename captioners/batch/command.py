@@ -26,7 +26,10 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     from captioners import cli
 
     parser = sub.add_parser("batch", help="caption folders into <stem>.txt files (training sets)",
-                            description=__doc__.splitlines()[0])
+                            description="Caption folders into <stem>.txt caption files beside the images (or "
+                                        "in --output-dir), for training sets. Exit status: 0 finished, 1 every "
+                                        "image failed, 2 could not start, 3 an output could not be written, "
+                                        "130 stopped.")
     parser.add_argument("inputs", nargs="*", metavar="DIR_FILE_OR_GLOB",
                         help="folders, image files or quoted glob patterns ('data/**/*.png')")
     parser.add_argument("--recursive", "-r", action="store_true", help="look into sub-folders")
@@ -64,7 +67,7 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
                       help="warn about captions longer than this many CLIP tokens (0: no check; default 75)")
 
     speed = parser.add_argument_group("speed")
-    speed.add_argument("--batch-size", type=int, default=8)
+    speed.add_argument("--batch-size", type=int, default=8, help="images captioned together (default 8)")
     speed.add_argument("--workers", type=int, default=2, help="image decoding workers (0: main thread)")
     speed.add_argument("--loader", choices=[m.value for m in Loader], default="threads",
                        help="run the decoding workers as threads (default) or processes")

@@ -94,7 +94,8 @@ class BatchJob:
         self.workers = checked_number("workers", self.workers)
         self.shaping.max_tokens = checked_number("max_tokens", self.shaping.max_tokens)  # 0: no check
         if self.shaping.trigger_mode == TriggerMode.REPLACE and self.shaping.trigger and not self.shaping.class_words:
-            raise CaptionerError("trigger_mode 'replace' needs class_words (the words the trigger replaces).")
+            raise CaptionerError("trigger_mode 'replace' (--trigger-mode replace) needs class_words (--class-word): "
+                                 "the words the trigger replaces.")
         for pattern, _ in self.shaping.replacements:
             try:
                 re.compile(pattern)

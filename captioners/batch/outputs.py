@@ -114,7 +114,7 @@ class CombinedOutputs:
             key = str(r.image.resolve()) if self.kohya_full_path else r.image.stem
             if key in owners:
                 warnings.append(f"kohya metadata key {key!r} is shared by {owners[key]} and {r.image}; "
-                                "the latter is kept (use kohya_full_path for unique keys)")
+                                "the latter is kept (--kohya-full-path, or kohya_full_path in the API, gives unique keys)")
             owners[key] = r.image
             entry = metadata.get(key)
             entry = dict(entry) if isinstance(entry, dict) else {}

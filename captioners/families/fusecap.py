@@ -29,7 +29,7 @@ from captioners.errors import CaptionerError, CheckpointLayoutError
 from captioners.options import DecodingOptions
 from captioners.sampling import RowSampler, row_generators
 from captioners.text import HUB_ID
-from captioners.weights import Asset, ensure_asset, load_state_dict
+from captioners.weights import Asset, ensure_asset, load_state_dict, quiet_model_building
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +147,9 @@ class FuseCapCaptioner(Captioner):
         folder = ensure_asset(self.spec.config.weights, self.models_dir)
         state = _read_weights(folder)
         config = BlipConfig.from_pretrained(str(folder))
-        model, info = BlipForConditionalGeneration.from_pretrained(None, config=config, state_dict=state,
-                                                                   output_loading_info=True)
+        with quiet_model_building():
+            model, info = BlipForConditionalGeneration.from_pretrained(None, config=config, state_dict=state,
+                                                                       output_loading_info=True)
         del state
         missing = sorted(set(info.get("missing_keys") or ()) - set(LEGACY_KEYS))
         if missing:

@@ -28,7 +28,7 @@ from captioners.families.sbg_keywords import (LabelSets, TextFeatureStore, Vocab
 from captioners.options import DecodingOptions
 from captioners.sampling import RowSampler, row_generators
 from captioners.text import GPT2_TOKENIZER, load_gpt2_tokenizer, tokenizer_asset
-from captioners.weights import WEIGHT_SUFFIXES, Asset, ensure_asset, load_state_dict
+from captioners.weights import WEIGHT_SUFFIXES, Asset, ensure_asset, load_state_dict, quiet_model_building
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,8 @@ def load_gpt2(location: Path) -> Any:
         config = GPT2Config.from_pretrained(str(folder))
     else:
         config = _config_from_shapes(state)
-    model, info = GPT2LMHeadModel.from_pretrained(None, config=config, state_dict=state, output_loading_info=True)
+    with quiet_model_building():
+        model, info = GPT2LMHeadModel.from_pretrained(None, config=config, state_dict=state, output_loading_info=True)
     missing = sorted(set(info.get("missing_keys") or ()) - {"lm_head.weight"})
     if missing:
         raise CheckpointLayoutError(f"{weights} does not fit its GPT-2 config: missing {', '.join(missing[:5])}.")
