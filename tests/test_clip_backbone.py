@@ -92,3 +92,36 @@ def test_a_torchscript_clip_whose_code_writes_a_file_never_runs(tiny_clip, icg_c
     err = capsys.readouterr().err.strip()
     assert not marker.exists()
     assert code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1 and str(evil) in err
+
+
+def test_quick_gelu_follows_the_config_and_openai_presets_keep_it(tiny_clip, tmp_path, models_dir):
+    """QuickGELU was forced for every CLIP; now a custom config's own value holds, and only OpenAI's
+    weights (the presets) force it."""
+    import json
+
+    from captioners.clip_backbone import resolved_quick_gelu
+    from captioners.registry import get_spec
+
+    config, weights = tiny_clip
+    plain = tmp_path / "tiny-gelu-clip.json"  # the same network without "quick_gelu": plain GELU
+    plain.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "quick_gelu"}))
+    open_clip.add_model_config(str(plain))
+    from safetensors.torch import load_file
+
+    references = {}
+    for forced in (False, True):
+        model = open_clip.create_model(plain.stem, pretrained=None, force_quick_gelu=forced).eval()
+        model.load_state_dict(load_file(str(weights)))
+        references[forced] = model
+    backbone = load_clip(ClipSpec(plain.stem, str(weights), str(plain)), models_dir, torch.device("cpu"), torch.float32)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got = encode(backbone, pixels)
+        torch.testing.assert_close(got, references[False].encode_image(pixels).float())
+        assert not torch.allclose(got, references[True].encode_image(pixels).float(), atol=1e-4)
+
+    icg = get_spec("clip-prefix-flickr8k", models_dir).config.clip
+    assert resolved_quick_gelu(icg) is True  # OpenAI's ViT-L-14
+    assert resolved_quick_gelu(icg.with_overrides({"clip_weights": str(weights)})) is True  # a copy of it
+    assert resolved_quick_gelu(icg.with_overrides({"clip_config": str(plain)})) is False  # its own config
+    assert resolved_quick_gelu(get_spec("sbg-flickr8k", models_dir).config.clip) is True
