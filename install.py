@@ -1,6 +1,6 @@
 """Run by the WebUI at start-up (``python install.py`` with the WebUI root on PYTHONPATH).
 
-Installs only what is missing. It never pins or upgrades the WebUI's own packages (torch,
+Installs only what is missing. It never pins or upgrades the WebUI's own packages (torch, pydantic,
 transformers, gradio, protobuf, numpy, Pillow): those belong to the host, and this extension works
 with the versions A1111 (transformers 4.30.2, gradio 3.41.2) and Forge (4.46.1, 4.40.0) ship.
 A plain ``pip install`` of a missing package leaves already-satisfied dependencies alone.
