@@ -14,6 +14,7 @@ when a route answers without credentials.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import errno
 import inspect
 import logging
@@ -154,6 +155,21 @@ def _mount_kwargs(mount: Callable[..., Any], css: str | None, host: str, port: i
     return kwargs
 
 
+class StopWithOpenPages(logging.Filter):
+    """A stop while a page still holds its event stream or queue socket: uvicorn waits, then cancels
+    those connections and logs each as an ASGI error with a traceback. That is how a UI server stops
+    with a browser open, not an error; one INFO line says it instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, asyncio.CancelledError):
+            return False
+        if "timeout graceful shutdown exceeded" in record.getMessage():
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "Closing the connections of pages still open", ()
+        return True
+
+
 def serve(app: Any, host: str, port: int, on_started: Callable[[], None] = lambda: None) -> None:
     """Run uvicorn on ``host:port`` until Ctrl-C / SIGTERM; ``on_started`` once it accepts connections."""
     import uvicorn
@@ -167,8 +183,9 @@ def serve(app: Any, host: str, port: int, on_started: Callable[[], None] = lambd
     from captioners.auth import DeniedHandshakeFilter
 
     uvicorn_log = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, DeniedHandshakeFilter) for f in uvicorn_log.filters):
-        uvicorn_log.addFilter(DeniedHandshakeFilter())
+    for kind in (DeniedHandshakeFilter, StopWithOpenPages):
+        if not any(isinstance(f, kind) for f in uvicorn_log.filters):
+            uvicorn_log.addFilter(kind())
 
     class Server(uvicorn.Server):
         async def startup(self, *args: Any, **kwargs: Any) -> None:

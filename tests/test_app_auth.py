@@ -560,3 +560,23 @@ def test_display_and_self_urls():
     assert self_url("localhost", 7862, USERS) == "http://alice:secret@127.0.0.1:7862/"
     assert self_url("192.168.1.20", 7862, USERS) == "http://alice:secret@192.168.1.20:7862/"
     assert self_url("::", 1, {"a@b": "p:/?"}) == "http://a%40b:p%3A%2F%3F@[::1]:1/"
+
+
+def test_a_stop_with_a_page_still_connected_is_no_error():
+    """uvicorn cancels connections still open after its graceful timeout and logs them as errors."""
+    import asyncio
+    import logging as logging_module
+
+    from captioners.app import StopWithOpenPages
+
+    def record(message, exc=None):
+        return logging_module.LogRecord("uvicorn.error", logging_module.ERROR, __file__, 1, message, (),
+                                        (type(exc), exc, None) if exc else None)
+
+    keep = StopWithOpenPages()
+    cancelled = asyncio.CancelledError("Task cancelled, timeout graceful shutdown exceeded")
+    assert not keep.filter(record("Exception in ASGI application\n", cancelled))
+    notice = record("Cancel %s running task(s), timeout graceful shutdown exceeded")
+    notice.args = (2,)
+    assert keep.filter(notice) and notice.levelname == "INFO" and "still open" in notice.getMessage()
+    assert keep.filter(record("Exception in ASGI application\n", ValueError("a real bug")))
