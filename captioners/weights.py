@@ -1,8 +1,11 @@
 """Finding, downloading and safely reading model files.
 
 Every file a model needs is an :class:`Asset`: a path inside the models folder plus where it comes
-from. ``.pt`` files are only ever read with ``torch.load(..., weights_only=True)``, which refuses
-pickles that would run code.
+from; :func:`ensure_assets` makes all of a model's files present or names every missing one.
+No file read here can run code: ``.pt`` files go through ``torch.load(..., weights_only=True)``
+(which refuses pickles naming anything but tensors), TorchScript archives through
+:mod:`captioners.torch_archive` (tensors only, never their code), vocabulary pickles through a
+plain-data unpickler. Whatever is wrong with a file becomes a one-line CaptionerError.
 """
 
 from __future__ import annotations

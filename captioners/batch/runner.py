@@ -1,8 +1,10 @@
 """The batch run loop: plan, decode in workers, caption in batches, write, report.
 
-Every image ends up captioned, skipped (existing caption under the skip policy) or failed with a
-reason; nothing an image can do ends the run. ``should_stop`` is asked between batches, so a stopped
-run has written whole caption files only, and its combined outputs and report still get written.
+Every image ends up captioned, skipped (an existing caption under the skip policy, or a caption file
+an earlier run of this very job already wrote: see journal.py) or failed with a reason; nothing an
+image can do ends the run. ``should_stop`` is asked between batches, so a stopped run has written
+whole caption files only, and its combined outputs and report still get written; an output that
+cannot be written is listed in the summary rather than raised.
 """
 
 from __future__ import annotations
