@@ -115,6 +115,14 @@ def clip_weights_asset(spec: ClipSpec) -> Asset:
                      "pass a local file with --clip-weights)")
 
 
+def clip_assets(spec: ClipSpec) -> list[Asset]:
+    """Every file this CLIP needs: its weights, and a custom architecture's config."""
+    path = Path(spec.config).expanduser().resolve() if spec.config else None
+    # A config has no converted copy: a .safetensors of the same name beside it is its weights.
+    config = [Asset(str(path), option="--clip-config", converted_suffix=path.suffix)] if path else []
+    return [clip_weights_asset(spec), *config]
+
+
 def _pretrained_source(spec: ClipSpec) -> tuple[str | None, str | None, str | None]:
     """(hub repo, file in it or None for the usual names, direct URL) of a pretrained tag."""
     if spec.weights == "openai" and spec.arch_name in OPENAI_HUB_REPOS:

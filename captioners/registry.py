@@ -85,8 +85,10 @@ def model_rows(models_dir: Path, specs: Iterable[ModelSpec] | None = None, loade
     """One row per model (all available ones by default), ``loaded`` naming the one in memory."""
     rows = []
     for spec in available_models(models_dir).values() if specs is None else specs:
-        files = [FileRow(str(a.path(models_dir)), a.is_present(models_dir), a.source())
-                 for a in FAMILIES[spec.family].assets(spec)]
+        files = []
+        for asset in FAMILIES[spec.family].assets(spec):
+            found = asset.locate(models_dir)  # where it is (an earlier cache, a converted copy), else where it goes
+            files.append(FileRow(str(found or asset.path(models_dir)), found is not None, asset.source()))
         rows.append(ModelRow(spec.id, spec.family, spec.origin, spec.description, files, spec.id == loaded))
     return rows
 

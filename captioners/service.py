@@ -320,12 +320,17 @@ def check_pixel_limits(images: Sequence[Any], settings: Settings) -> None:
     for image in encoded:
         if image.pixels > settings.max_image_mpixels * 1e6:
             width, height = image.size
-            raise TooLargeError(f"{image.where} is {width}x{height} ({image.pixels / 1e6:.1f} million pixels); "
+            raise TooLargeError(f"{image.where} is {width}x{height} ({_millions(image.pixels)} million pixels); "
                                 f"the limit is {settings.max_image_mpixels:g} million per image.")
     total = sum(image.pixels for image in encoded)
     if total > settings.max_request_mpixels * 1e6:
-        raise TooLargeError(f"The images of this request have {total / 1e6:.1f} million pixels together; the "
+        raise TooLargeError(f"The images of this request have {_millions(total)} million pixels together; the "
                             f"limit is {settings.max_request_mpixels:g} million per request: send fewer at a time.")
+
+
+def _millions(pixels: int) -> str:
+    """Enough digits that a count just above a limit never reads as the limit itself."""
+    return f"{pixels / 1e6:.4g}"
 
 
 def _as_options(options: DecodingOptions | Mapping[str, Any] | None) -> DecodingOptions:

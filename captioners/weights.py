@@ -85,11 +85,11 @@ class Asset:
     def downloadable(self) -> bool:
         return bool(self.repo_id or self.file_url)
 
-    def source(self) -> str:
+    def source(self, with_files: bool = True) -> str:
         if self.repo_id:
             files = " or ".join(self.repo_files) if self.required == ("|".join(self.repo_files),) else \
                 ", ".join(self.repo_files)
-            return f"https://huggingface.co/{self.repo_id} ({files})"
+            return f"https://huggingface.co/{self.repo_id}" + (f" ({files})" if with_files else "")
         return self.file_url or self.url or "(no known download source)"
 
     def describe(self, models_dir: Path) -> str:
@@ -155,7 +155,9 @@ def _missing_message(assets: list[Asset], models_dir: Path, reasons: dict[Asset,
                          "or in presets.json)")
             continue
         failed = f"; automatic download failed: {reasons[asset]}" if asset in reasons else ""
-        lines.append(f"  {asset.describe(models_dir)} <- {asset.source()} ({asset.option}{failed})")
+        # A folder's line already names the files it needs.
+        lines.append(f"  {asset.describe(models_dir)} <- {asset.source(with_files=not asset.is_dir)} "
+                     f"({asset.option}{failed})")
     return "\n".join(lines)
 
 

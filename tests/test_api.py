@@ -150,6 +150,21 @@ def test_many_big_images_are_refused_by_the_per_request_limit(client):
     assert "per request" in response.json()["detail"]
 
 
+def test_a_total_just_above_the_limit_never_reads_as_the_limit(webui, client, photos):
+    import re
+
+    webui.shared.opts.set("captioners_max_request_mpixels", 0.5)
+    try:
+        images = [b64(photos[0])] * 2
+        width, height = Image.open(photos[0]).size
+        response = client.post("/captioners/v1/caption", json={"images": images})
+    finally:
+        webui.shared.opts.set("captioners_max_request_mpixels", 256)
+    detail = response.json()["detail"]
+    shown = float(re.search(r"have ([0-9.]+) million", detail).group(1))
+    assert response.status_code == 413 and shown > 0.5 and abs(shown - 2 * width * height / 1e6) < 1e-3, detail
+
+
 def test_limits_come_from_settings(webui, client, photos):
     webui.shared.opts.set("captioners_max_image_mpixels", 0.01)  # 10 000 pixels
     try:

@@ -145,6 +145,8 @@ def test_models_lists_presets_local_files_and_custom_presets(icg_checkpoint, tmp
     assert listing["clip-prefix-flickr30k"]["files"][0]["present"] is False
     assert "Anshler/clip-prefix" in listing["clip-prefix-flickr30k"]["files"][0]["source"]
 
+    assert str(config) in [f["path"] for f in listing["tiny-custom"]["files"]]  # its CLIP config is a file it needs
+    assert listing["tiny-custom"]["ready"]
     spec = available_models(models_dir)["tiny-custom"]
     assert spec.decoding.strategy == "beam" and spec.decoding.num_beams == 3
     captioner = create_captioner("tiny-custom", models_dir).load("cpu")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import gradio as gr
@@ -72,6 +73,12 @@ def test_every_setting_has_a_section_and_a_component(webui, extension):
     model_info = opts.data_labels["captioners_model"]
     assert TINY in model_info.component_args()["choices"] and TINY in model_info.refresh()
     assert webui.script_callbacks.errors == []
+    # The settings page renders labels and hints as HTML: <words> would vanish as a tag.
+    hints = [re.sub(r"<span class='info'>\((.*?)\)</span>", r"\1", opts.data_labels[k].comment_after) for k in keys]
+    texts = [opts.data_labels[k].label for k in keys] + hints
+    assert not [t for t in texts if "<" in t or ">" in t]
+    for key in ("captioners_max_image_mpixels", "captioners_max_request_mpixels"):  # the page accepts 0.5
+        assert opts.data_labels[key].component_args["step"] < 1
 
 
 @any_host

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from captioners.base import Captioner, ModelSpec
-from captioners.clip_backbone import ClipBackbone, ClipSpec, clip_weights_asset, load_clip
+from captioners.clip_backbone import ClipBackbone, ClipSpec, clip_assets, load_clip
 from captioners.errors import CaptionerError
 from captioners.families.clipcap_modules import ClipPrefixLayout, ClipPrefixModel, inspect_state_dict
 from captioners.options import DecodingOptions
@@ -122,7 +122,7 @@ class ClipPrefixCaptioner(Captioner):
     def assets(cls, spec: ModelSpec) -> list[Asset]:
         config: ClipPrefixConfig = spec.config
         clip = config.clip or _clip_from_shapes(config.weights)
-        return [config.weights, config.tokenizer, *([clip_weights_asset(clip)] if clip else [])]
+        return [config.weights, config.tokenizer, *(clip_assets(clip) if clip else [])]
 
     @classmethod
     def presets(cls) -> list[ModelSpec]:

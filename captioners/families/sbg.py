@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from captioners.base import Captioner, ModelSpec
-from captioners.clip_backbone import ClipBackbone, ClipSpec, clip_weights_asset, load_clip
+from captioners.clip_backbone import ClipBackbone, ClipSpec, clip_assets, load_clip
 from captioners.errors import CaptionerError, CheckpointLayoutError
 from captioners.families.clip_prefix import _clip_image_size
 from captioners.families.sbg_keywords import (LabelSets, TextFeatureStore, Vocabulary, prompt_for, rank,
@@ -95,7 +95,7 @@ class SbgCaptioner(Captioner):
     @classmethod
     def assets(cls, spec: ModelSpec) -> list[Asset]:
         config: SbgConfig = spec.config
-        return [config.weights, config.tokenizer, config.labels, config.encyclopedia, clip_weights_asset(config.clip)]
+        return [config.weights, config.tokenizer, config.labels, config.encyclopedia, *clip_assets(config.clip)]
 
     @classmethod
     def presets(cls) -> list[ModelSpec]:

@@ -20,6 +20,7 @@ SECTION = ("captioners", "Captioners")
 CATEGORY = "postprocessing"  # the Settings page groups sections by category
 PROMPT_MODES = ("replace", "append", "prepend")
 STRATEGY_DEFAULT = "model default"
+DECIMAL = {"precision": 2, "step": 0.01, "minimum": 0.01}  # gr.Number's default step 1 refuses 0.5 in the page
 
 
 def device_choices() -> list[str]:
@@ -58,7 +59,7 @@ def options(shared: Any, model_ids: Callable[[], list[str]]) -> dict[str, Any]:
         ).info("replace the prompt, append to it, or prepend to it"),
         "captioners_models_dir": info(
             "", "Models folder",
-        ).info("empty: <WebUI models folder>/Captioners"),
+        ).info("empty: the Captioners folder in the WebUI's models folder"),  # no <...>: info is HTML
         "captioners_strategy": info(
             STRATEGY_DEFAULT, "Default decoding strategy", radio,
             {"choices": [STRATEGY_DEFAULT, "greedy", "beam", "sample"]}),
@@ -72,11 +73,10 @@ def options(shared: Any, model_ids: Callable[[], list[str]]) -> dict[str, Any]:
                                  {"minimum": 0.0, "maximum": 1.0, "step": 0.01}),
         "captioners_seed": info(-1, "Default seed for sampling (-1: none)", gr.Number, {"precision": 0}),
         "captioners_max_image_mpixels": info(
-            MAX_IMAGE_MPIXELS, "API: largest image, in million pixels", gr.Number, {"precision": 2},
+            MAX_IMAGE_MPIXELS, "API: largest image, in million pixels", gr.Number, DECIMAL,
         ).info("bigger images are refused (HTTP 413) before they are decoded"),
         "captioners_max_request_mpixels": info(
-            MAX_REQUEST_MPIXELS, "API: all images of one request together, in million pixels", gr.Number,
-            {"precision": 2}),
+            MAX_REQUEST_MPIXELS, "API: all images of one request together, in million pixels", gr.Number, DECIMAL),
     }
 
 
