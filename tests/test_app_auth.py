@@ -26,6 +26,7 @@ from PIL import Image
 
 from captioners.auth import BasicAuthMiddleware, check_bind, is_loopback, parse_auth
 from captioners.errors import CaptionerError
+from tests.app_logs import app_errors
 from tests.webui_host import TINY, write_tiny_preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,19 +127,6 @@ def request(port: int, method: str, path: str, authorization: str | None = None,
         connection.close()
 
 
-def tracebacks(log_text: str) -> list[str]:
-    """The exception line of each traceback in the app's log, except a client that went away."""
-    errors, inside = [], False
-    for line in log_text.splitlines():
-        if line.startswith("Traceback (most recent call last)"):
-            inside = True
-        elif inside and line and not line[0].isspace():
-            inside = False
-            if not any(name in line.split(":")[0] for name in ("WebSocketDisconnect", "ClientDisconnect")):
-                errors.append(line)
-    return errors
-
-
 @contextlib.contextmanager
 def running_app(models_dir: Path, log_path: Path, *extra: str) -> Iterator[SimpleNamespace]:
     """``python -m captioners ui`` with the tiny model on a free loopback port, until the block ends.
@@ -173,7 +161,7 @@ def running_app(models_dir: Path, log_path: Path, *extra: str) -> Iterator[Simpl
             process.kill()
             process.wait()
     log_text = log_path.read_text()
-    assert not tracebacks(log_text), log_text[-3000:]
+    assert not app_errors(log_text), log_text[-3000:]
 
 
 @pytest.fixture(scope="module")

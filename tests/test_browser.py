@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from captioners.service import CaptionService, Host, Settings
+from tests.app_logs import app_errors
 from tests.webui_host import TINY, write_tiny_preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,24 +70,6 @@ def app_url(models_dir, tmp_path_factory):
         process.kill()
     log_text = log_path.read_text()
     assert not app_errors(log_text), log_text[-3000:]
-
-
-# A browser page closing while gradio 3.41 waits on its queue websocket logs a traceback that ends
-# in this (also in a real A1111 with current uvicorn): the client left, the app did nothing wrong.
-CLIENT_GONE = ("WebSocketDisconnect", "ClientDisconnect")
-
-
-def app_errors(log_text: str) -> list[str]:
-    """The last line (the exception) of each traceback in the log, except clients disconnecting."""
-    errors, in_traceback = [], False
-    for line in log_text.splitlines():
-        if line.startswith("Traceback (most recent call last)"):
-            in_traceback = True
-        elif in_traceback and line and not line[0].isspace():
-            in_traceback = False
-            if not any(name in line.split(":")[0] for name in CLIENT_GONE):
-                errors.append(line)
-    return errors
 
 
 def test_app_errors_ignores_only_clients_that_left():
