@@ -197,7 +197,7 @@ def word_piece_blip(assets_dir):
     """A tiny BLIP whose likeliest token is the WordPiece continuation ``##s``: its first new token
     always continues the prompt's last word ("a picture of" + "##s" is printed "a picture ofs")."""
     folder = assets_dir / "blip-word-piece"
-    tiny_blip.build_blip(folder, biased={"##s": 10.0, "##ing": 0.0})
+    tiny_blip.build_blip(folder, biased={"##s": 30.0, "##ing": 0.0})
     return folder
 
 
