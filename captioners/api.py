@@ -180,19 +180,18 @@ def mount(app: Any, service: CaptionService, api_auth: str | None = None) -> Cap
 
     # The body is read and parsed here (so bad JSON gets the one-line detail); the handler then runs in
     # the thread pool, where waiting for the WebUI's queue lock does not block the server.
-    def with_body(handler: Callable[[Any], Any]) -> Callable[..., Any]:
+    def with_body(handler: Callable[[Any], Any], name: str) -> Callable[..., Any]:
         async def endpoint(request: Request) -> Any:
             body = await request.body()
             return await run_in_threadpool(guarded(lambda: handler(parse_body(body))))
+        endpoint.__name__ = name  # the route's name
         return endpoint
 
     def models() -> Any:
         return guarded(api.models)()
 
-    caption = with_body(api.caption)
-    caption.__name__ = "caption"
-    batch = with_body(api.batch)
-    batch.__name__ = "batch"
+    caption = with_body(api.caption, "caption")
+    batch = with_body(api.batch, "batch")
 
     def interrupt() -> Any:
         return guarded(api.interrupt)()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -81,6 +82,20 @@ def _draft_size(size: tuple[int, int], min_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+# What opening a user's image can raise (UnidentifiedImageError and the rest are OSErrors).
+OPEN_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+@contextlib.contextmanager
+def opened(source: str | os.PathLike | io.BytesIO) -> Iterator[Image.Image]:
+    """``Image.open`` without the decompression-bomb warning: sizes are checked by the callers, and
+    images above Pillow's hard limit (2 x ``Image.MAX_IMAGE_PIXELS``) still raise."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(source) as image:
+            yield image
+
+
 def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
     """Open ``path`` as an RGB image; raise :class:`ImageLoadError` with the reason otherwise.
 
@@ -90,42 +105,41 @@ def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Im
     """
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                if min_side and image.format == "JPEG":
-                    image.draft("RGB", _draft_size(image.size, min_side))
-                image.load()
-                return to_rgb(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageLoadError(f"{display_path(path)}: {open_failure(path, exc)}") from exc
+        with opened(path) as image:
+            if min_side and image.format == "JPEG":
+                image.draft("RGB", _draft_size(image.size, min_side))
+            image.load()
+            return to_rgb(image)
+    except OPEN_ERRORS as exc:
+        raise ImageLoadError(f"{display_path(path)}: {open_failure(exc, path)}") from exc
 
 
-def open_failure(path: Path, exc: BaseException) -> str:
-    """Why an image file could not be opened, in words."""
+def open_failure(exc: BaseException, path: Path | None = None) -> str:
+    """Why an image (a file, or bytes when ``path`` is None) could not be opened, in words."""
     if isinstance(exc, FileNotFoundError):
         return "file not found"
     if isinstance(exc, PermissionError):
         return "permission denied (the file is not readable)"
     if isinstance(exc, IsADirectoryError):
         return "a folder, not an image file"
-    if isinstance(exc, UnidentifiedImageError):
+    if isinstance(exc, UnidentifiedImageError):  # its own text names a BytesIO object: no help to anyone
+        if path is None:
+            return "not a known image format, or damaged"
         empty = path.is_file() and path.stat().st_size == 0
         return "empty file (0 bytes)" if empty else "not an image Pillow can read"
     if isinstance(exc, Image.DecompressionBombError):
         return f"too many pixels (possible decompression bomb): {exc}"
-    return "truncated or corrupt image" if "truncated" in str(exc).lower() else str(exc)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return "truncated or corrupt image" if "truncated" in text.lower() else text
 
 
 def check_image_file(path: Path) -> str | None:
     """Why ``path`` cannot be captioned, from its header alone (cheap: no decoding), or None."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path):
-                return None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        return open_failure(path, exc)
+        with opened(path):
+            return None
+    except OPEN_ERRORS as exc:
+        return open_failure(exc, path)
 
 
 class EncodedImage:
@@ -140,12 +154,10 @@ class EncodedImage:
         self.data = data
         self.where = where
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(data)) as image:
-                    self.size: tuple[int, int] = image.size
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise ImageLoadError(f"{where} is not an image Pillow can read ({_reason(exc)}).") from exc
+            with opened(io.BytesIO(data)) as image:
+                self.size: tuple[int, int] = image.size
+        except OPEN_ERRORS as exc:
+            raise self._error(exc) from exc
 
     @property
     def pixels(self) -> int:
@@ -154,17 +166,11 @@ class EncodedImage:
     def decode(self) -> Image.Image:
         """The upright RGB image (see :func:`to_rgb`)."""
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(self.data)) as image:
-                    image.load()
-                    return to_rgb(image)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise ImageLoadError(f"{self.where} is not an image Pillow can read ({_reason(exc)}).") from exc
+            with opened(io.BytesIO(self.data)) as image:
+                image.load()
+                return to_rgb(image)
+        except OPEN_ERRORS as exc:
+            raise self._error(exc) from exc
 
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, UnidentifiedImageError):  # its text names a BytesIO object, no help to anyone
-        return "not a known image format, or damaged"
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return "truncated or corrupt image" if "truncated" in text.lower() else text
+    def _error(self, exc: BaseException) -> ImageLoadError:
+        return ImageLoadError(f"{self.where} is not an image Pillow can read ({open_failure(exc)}).")

@@ -8,6 +8,7 @@ images whose captions are finished leave the batch. The chosen tokens are the sa
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable
 
@@ -23,14 +24,16 @@ def max_steps(max_new_tokens: int, prefix_length: int, n_positions: int) -> int:
     return max(0, min(max_new_tokens, n_positions - prefix_length + 1))
 
 
-def _cache_argument(gpt: torch.nn.Module) -> str:
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class: type) -> str:
     """The forward() argument that takes the cache: ``cache`` from transformers 5.2x, where passing
-    ``past_key_values`` prints a FutureWarning at every step (it goes away in 5.40); before, the old name."""
-    return "cache" if "cache" in inspect.signature(type(gpt).forward).parameters else "past_key_values"
+    ``past_key_values`` prints a FutureWarning at every step (it goes away in 5.40); before, the old name.
+    Looked up once per class: _step runs at every token."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _step(gpt: torch.nn.Module, past: Cache, **inputs: torch.Tensor) -> tuple[torch.Tensor, Cache]:
-    out = gpt(**{_cache_argument(gpt): past}, use_cache=True, return_dict=True, **inputs)
+    out = gpt(**{_cache_argument(type(gpt)): past}, use_cache=True, return_dict=True, **inputs)
     # Read by its own name: output.past_key_values warns too where the field is called cache.
     cache = out["cache"] if "cache" in out.keys() else out.past_key_values
     return out.logits[:, -1].float(), cache

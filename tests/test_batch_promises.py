@@ -96,16 +96,16 @@ def test_the_api_refuses_such_outputs_with_a_400(client, dataset):
 
 # ---- 5. a failure at the end keeps the summary ------------------------------------------------------
 def fail_writing(monkeypatch, name: str, error: OSError) -> None:
-    from captioners.batch import outputs
+    from captioners.batch import writing
 
-    real = outputs.atomic_write
+    real = writing.atomic_write
 
     def write(target, data, durable=True):
         if Path(target).name == name:
             raise error
         return real(target, data, durable)
 
-    monkeypatch.setattr(outputs, "atomic_write", write)
+    monkeypatch.setattr(writing, "atomic_write", write)
 
 
 def test_an_output_that_cannot_be_written_is_in_the_summary_and_exit_status_3(

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from captioners.batch.discovery import Discovery, real_key
-from captioners.batch.writing import atomic_write, free_backup_path
+from captioners.batch.writing import replace_file
 from captioners.display import display_path, json_bytes
 from captioners.errors import CaptionerError
 
@@ -140,13 +140,7 @@ def read_kohya_metadata(path: Path) -> dict[str, Any]:
 
 def write_output(path: Path, data: bytes, backup: bool) -> Path | None:
     """Replace ``path`` atomically, keeping a numbered backup of a non-empty old file; the backup made."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    made = None
-    if backup and path.is_file() and path.stat().st_size:
-        made = free_backup_path(path)
-        atomic_write(made, path.read_bytes())
-    atomic_write(path, data)
-    return made
+    return replace_file(path, data, path.read_bytes() if path.is_file() else None, backup)
 
 
 # Job field -> its command-line flag, for messages.

@@ -88,14 +88,20 @@ def decide(old: str | None, new: str, policy: ExistingPolicy, separator: str, de
 
 def write_caption(target: Path, text: str, old_bytes: bytes | None, backup: bool) -> Path | None:
     """Write ``text`` (UTF-8) to ``target`` atomically; returns the backup file made, if any."""
+    return replace_file(target, text.encode("utf-8"), old_bytes, backup)
+
+
+def replace_file(target: Path, data: bytes, old_bytes: bytes | None, backup: bool) -> Path | None:
+    """Write ``data`` to ``target`` atomically, first keeping ``old_bytes`` (its content now, when not
+    empty) in a numbered backup unless ``backup`` is off; returns the backup file made, if any."""
     target.parent.mkdir(parents=True, exist_ok=True)
     backup_file = None
     replacing = old_bytes is not None and bool(old_bytes.strip())
     if replacing and backup:
         backup_file = free_backup_path(target)
         atomic_write(backup_file, old_bytes, durable=True)
-    # fsync only when replacing content: a new file lost to a power cut is just captioned again.
-    atomic_write(target, text.encode("utf-8"), durable=replacing)
+    # fsync only when replacing content: a new file lost to a power cut is just written again.
+    atomic_write(target, data, durable=replacing)
     return backup_file
 
 
