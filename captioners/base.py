@@ -40,6 +40,37 @@ class ModelSpec:
         return replace(self, config=replace(self.config, **changes))
 
 
+DEFAULT_POOL = 5  # candidates made per image for best-of-N when --num-candidates is not given
+
+
+@dataclass
+class Candidates:
+    """What a model proposes for a batch of images: per image, its candidates, best first by the
+    model's own ranking (beam score, sample order, SBG's CLIP re-rank).
+
+    ``image_features`` are the images' L2-normalised embeddings from the model's own CLIP, when the
+    family has one (``clip``): CLIPScore then reuses them instead of encoding the images again.
+    """
+
+    texts: list[list[str]]
+    image_features: torch.Tensor | None = None
+    clip: Any = None  # the ClipBackbone of image_features
+
+
+def candidate_request(options: DecodingOptions) -> tuple[int, str]:
+    """How many candidates to make per image, and how (beam | sample), for these merged options.
+
+    One caption chosen by the model itself is today's plain decoding (count 1). Otherwise the pool
+    is ``num_candidates`` (default 5), never fewer than the captions kept per image; candidates
+    come from beam search unless the strategy samples or ``candidates`` says otherwise.
+    """
+    keep = options.captions_per_image or 1
+    if keep == 1 and options.select != "clip":
+        return 1, options.strategy or "greedy"
+    mode = options.candidates or ("sample" if options.strategy == "sample" else "beam")
+    return max(keep, options.num_candidates or DEFAULT_POOL), mode
+
+
 class Captioner(ABC):
     """Base class of every model family."""
 
@@ -109,6 +140,12 @@ class Captioner(ABC):
     def caption_pixels(self, pixels: torch.Tensor, options: DecodingOptions) -> list[str]:
         """Caption a stacked batch of preprocessed images; ``options`` are already merged."""
 
+    def _candidates(self, pixels: torch.Tensor, options: DecodingOptions, count: int, mode: str) -> Candidates:
+        """``count`` candidates per image made by ``mode`` (beam | sample); families that can override.
+        (count 1 never comes here: see :meth:`caption_candidates`.)"""
+        raise CaptionerError(f"{self.spec.id} ({self.family}) makes one caption per image; "
+                             "use captions_per_image 1 and select model.")
+
     def _move(self, device: torch.device) -> None:
         """Move loaded modules to ``device`` (for offloading); subclasses with modules override."""
         raise CaptionerError(f"{type(self).__name__} cannot be moved between devices.")
@@ -163,6 +200,18 @@ class Captioner(ABC):
             self.device = target
             free_memory()
         return self
+
+    def caption_candidates(self, pixels: torch.Tensor, options: DecodingOptions) -> Candidates:
+        """Candidates per image for judging (several captions, best-of-N); ``options`` already merged.
+        One plain caption per image unless the options ask for more (see :func:`candidate_request`)."""
+        count, mode = candidate_request(options)
+        if count == 1:
+            return self._plain_candidates(pixels, options)
+        return self._candidates(pixels, options, count, mode)
+
+    def _plain_candidates(self, pixels: torch.Tensor, options: DecodingOptions) -> Candidates:
+        """Today's one caption per image, with the image features when the family has them."""
+        return Candidates([[text] for text in self.caption_pixels(pixels, options)])
 
     def decoding_options(self, options: DecodingOptions | Mapping[str, Any] | None = None) -> DecodingOptions:
         if not isinstance(options, DecodingOptions):

@@ -15,6 +15,8 @@ from typing import Any, Mapping
 from captioners.errors import CaptionerError
 
 STRATEGIES = ("greedy", "beam", "sample")
+CANDIDATE_MODES = ("beam", "sample")  # how several candidates per image are made
+SELECTIONS = ("model", "clip")        # candidates ranked by the model's own order, or by CLIPScore
 
 
 @dataclass(frozen=True)
@@ -50,8 +52,11 @@ LIMITS: dict[str, Limit] = {
     "batch_size": Limit(True, 1, 1024),
     "workers": Limit(True, 0, 64),
     "max_tokens": Limit(True, 0, 100_000),
+    "t5_max_tokens": Limit(True, 0, 100_000),
+    "captions_per_image": Limit(True, 1, 32),
+    "guidance": Limit(False, 0, 20),
 }
-TEXT_OPTIONS = {"strategy", "prompt"}
+TEXT_OPTIONS = {"strategy", "prompt", "candidates", "select"}
 FLAG_OPTIONS = {"keep_prompt", "postprocess"}
 MAX_PROMPT_CHARS = 1000
 
@@ -87,6 +92,11 @@ class DecodingOptions:
     prompt: str | None = None            # FuseCap: text the caption starts from
     keep_prompt: bool | None = None      # FuseCap: keep the prompt at the start of the caption
     postprocess: bool | None = None      # apply the preset's caption clean-up
+    # Several captions per image and how they are chosen (see captioners/judging/candidates.py).
+    captions_per_image: int | None = None  # captions kept per image (default 1)
+    candidates: str | None = None        # beam | sample: how candidates are made (default: from strategy)
+    select: str | None = None            # model | clip: rank candidates by the model or by CLIPScore
+    guidance: float | None = None        # CLIP-prefix: specificity guidance G (0 = none)
 
     def merged(self, defaults: "DecodingOptions") -> "DecodingOptions":
         """These options, with every unset field taken from ``defaults``."""
@@ -111,6 +121,10 @@ class DecodingOptions:
                 raise CaptionerError(f"{name} must be true or false (got {value!r}).")
         if self.strategy is not None and self.strategy not in STRATEGIES:
             raise CaptionerError(f"Unknown decoding strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}.")
+        for name, choices in (("candidates", CANDIDATE_MODES), ("select", SELECTIONS)):
+            value = getattr(self, name)
+            if value is not None and value not in choices:
+                raise CaptionerError(f"{name} must be one of {', '.join(choices)} (got {value!r}).")
         if self.prompt is not None and len(self.prompt) > MAX_PROMPT_CHARS:
             raise CaptionerError(f"prompt must be at most {MAX_PROMPT_CHARS} characters (got {len(self.prompt)}).")
         return replace(self, **changes) if changes else self

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -47,6 +47,53 @@ def select_rows(past: Cache, index: torch.Tensor) -> Cache:
     return tuple(tuple(t.index_select(0, index.to(t.device)) for t in layer) for layer in past)
 
 
+class PrefixRows:
+    """GPT-2 over the active rows of a decoding, each step feeding only the new tokens (KV cache).
+
+    With ``guidance`` G > 0 (specificity guidance, Kornblith et al. 2023) every row has a twin that
+    starts from ``null_prefix`` instead of the image's prefix, run in the same forward pass; a step
+    then returns log q = log_softmax((1 + G) log p(y|x) - G log p(y|null)), the renormalised
+    ``log p(y|x) + G (log p(y|x) - log p(y|null))``. Without guidance it returns the plain logits,
+    exactly as before (G = 0 never builds the twins, so its tokens cannot change).
+    """
+
+    def __init__(self, gpt: torch.nn.Module, guidance: float = 0.0, null_prefix: torch.Tensor | None = None):
+        if guidance and null_prefix is None:
+            raise ValueError("guidance needs a null prefix")
+        self.gpt, self.guidance, self.null_prefix = gpt, float(guidance or 0.0), null_prefix
+        self.past: Cache = None
+        self.rows = 0
+
+    def start(self, prefix: torch.Tensor) -> torch.Tensor:
+        self.rows = prefix.shape[0]
+        if self.guidance:
+            null = self.null_prefix.to(prefix.device, prefix.dtype).expand(self.rows, *prefix.shape[1:])
+            prefix = torch.cat((prefix, null))
+        logits, self.past = _step(self.gpt, None, inputs_embeds=prefix)
+        return self._combined(logits)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(rows,) new tokens -> (rows, vocab) scores of the token after them."""
+        ids = torch.cat((tokens, tokens)) if self.guidance else tokens
+        logits, self.past = _step(self.gpt, self.past, input_ids=ids[:, None])
+        return self._combined(logits)
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep (or repeat) the rows given by ``index``; their null twins follow them."""
+        rows = index.shape[0]
+        if self.guidance:
+            index = torch.cat((index, index + self.rows))
+        self.past = select_rows(self.past, index)
+        self.rows = rows
+
+    def _combined(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.guidance:
+            return logits
+        conditional = logits[: self.rows].log_softmax(dim=-1)
+        null = logits[self.rows:].log_softmax(dim=-1)
+        return ((1 + self.guidance) * conditional - self.guidance * null).log_softmax(dim=-1)
+
+
 Chooser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, active row ids) -> tokens
 
 
@@ -55,10 +102,12 @@ def greedy_chooser() -> Chooser:
 
 
 def sampling_chooser(temperature: float, top_p: float, top_k: int | None, seed: int | None,
-                     batch: int) -> Chooser:
+                     batch: int, streams: Sequence[int] | None = None) -> Chooser:
     """Nucleus / top-k sampling. With a seed, every image draws from its own generator seeded alike,
-    so an image's caption does not depend on which other images share its batch (nor on the device)."""
-    generators = row_generators(seed, [0] * batch)
+    so an image's caption does not depend on which other images share its batch (nor on the device).
+    ``streams``: row i draws from stream ``streams[i]`` of the seed (default 0: several candidates of
+    one image use streams 0, 1, 2...)."""
+    generators = row_generators(seed, list(streams) if streams is not None else [0] * batch)
 
     def choose(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         if generators is None:
@@ -72,13 +121,15 @@ def sampling_chooser(temperature: float, top_p: float, top_k: int | None, seed: 
 
 @torch.inference_mode()
 def decode_tokens(gpt: torch.nn.Module, prefix: torch.Tensor, stop_token: int, steps: int,
-                  choose: Chooser) -> list[list[int]]:
-    """Token-by-token decoding (greedy or sampled); each caption ends after ``stop_token``."""
+                  choose: Chooser, guidance: float = 0.0, null_prefix: torch.Tensor | None = None) -> list[list[int]]:
+    """Token-by-token decoding (greedy or sampled); each caption ends after ``stop_token``.
+    ``guidance``: see :class:`PrefixRows` (the chooser then sees guided log-probs)."""
     batch = prefix.shape[0]
     results: list[list[int]] = [[] for _ in range(batch)]
     if steps <= 0:
         return results
-    logits, past = _step(gpt, None, inputs_embeds=prefix)
+    model = PrefixRows(gpt, guidance, null_prefix)
+    logits = model.start(prefix)
     rows = torch.arange(batch, device=prefix.device)
     tokens = torch.empty(batch, 0, dtype=torch.long, device=prefix.device)
     for step in range(steps):
@@ -94,28 +145,40 @@ def decode_tokens(gpt: torch.nn.Module, prefix: torch.Tensor, stop_token: int, s
             if keep.numel() == 0:
                 break
             tokens, next_tokens, rows = tokens[keep], next_tokens[keep], rows[keep]
-            past = select_rows(past, keep)
-        logits, past = _step(gpt, past, input_ids=next_tokens[:, None])
+            model.keep(keep)
+        logits = model.step(next_tokens)
     return results
 
 
-@torch.inference_mode()
 def beam_search(gpt: torch.nn.Module, prefix: torch.Tensor, stop_token: int, steps: int,
-                beam_size: int, temperature: float = 1.0) -> list[list[int]]:
-    """Beam search with length-averaged scores, as ClipCap's ``generate_beam``; best beam per image.
+                beam_size: int, temperature: float = 1.0, guidance: float = 0.0,
+                null_prefix: torch.Tensor | None = None) -> list[list[int]]:
+    """Beam search with length-averaged scores, as ClipCap's ``generate_beam``; best beam per image."""
+    return [beams[0] for beams in beam_candidates(gpt, prefix, stop_token, steps, beam_size, 1, temperature,
+                                                  guidance, null_prefix)]
+
+
+@torch.inference_mode()
+def beam_candidates(gpt: torch.nn.Module, prefix: torch.Tensor, stop_token: int, steps: int, beam_size: int,
+                    count: int, temperature: float = 1.0, guidance: float = 0.0,
+                    null_prefix: torch.Tensor | None = None) -> list[list[list[int]]]:
+    """The ``count`` best final beams of each image (``count`` <= ``beam_size``), best first.
 
     A finished beam may only be extended by token 0 at no cost and its length stops growing, so it
-    keeps its average score; candidates are ranked by sum of log-probs / length.
+    keeps its average score; beams are ranked by sum of log-probs / length. The first of each image
+    is what ``beam_search`` returns; the others are the runners-up of the same search.
     """
     batch, k = prefix.shape[0], beam_size
-    results: list[list[int]] = [[] for _ in range(batch)]
+    count = min(count, k)
+    results: list[list[list[int]]] = [[[]] for _ in range(batch)]
     if steps <= 0:
         return results
     device = prefix.device
-    logits, past = _step(gpt, None, inputs_embeds=prefix)
+    model = PrefixRows(gpt, guidance, null_prefix)
+    logits = model.start(prefix)
     log_probs = (logits / temperature).log_softmax(dim=-1)
     scores, next_tokens = log_probs.topk(k, dim=-1)                      # (B, K)
-    past = select_rows(past, torch.arange(batch, device=device).repeat_interleave(k))
+    model.keep(torch.arange(batch, device=device).repeat_interleave(k))
     tokens = next_tokens[..., None]                                      # (B, K, T)
     lengths = torch.ones(batch, k, device=device)
     stopped = next_tokens == stop_token
@@ -124,16 +187,15 @@ def beam_search(gpt: torch.nn.Module, prefix: torch.Tensor, stop_token: int, ste
     for _ in range(1, steps):
         finished = stopped.all(dim=1)
         if bool(finished.any()):
-            _collect(results, images, finished, tokens, scores, lengths)
+            _collect(results, images, finished, tokens, scores, lengths, count)
             keep = (~finished).nonzero().flatten()
             if keep.numel() == 0:
                 return results
-            rows = (keep[:, None] * k + torch.arange(k, device=device)).flatten()
-            past = select_rows(past, rows)
+            model.keep((keep[:, None] * k + torch.arange(k, device=device)).flatten())
             images, tokens, scores, lengths, stopped, next_tokens = (
                 images[keep], tokens[keep], scores[keep], lengths[keep], stopped[keep], next_tokens[keep])
         active = images.shape[0]
-        logits, past = _step(gpt, past, input_ids=next_tokens.reshape(-1, 1))
+        logits = model.step(next_tokens.reshape(-1))
         log_probs = (logits / temperature).log_softmax(dim=-1).view(active, k, -1)
         vocab = log_probs.shape[-1]
         log_probs = log_probs.masked_fill(stopped[..., None], float("-inf"))
@@ -147,15 +209,15 @@ def beam_search(gpt: torch.nn.Module, prefix: torch.Tensor, stop_token: int, ste
         tokens = torch.cat((tokens.gather(1, source[..., None].expand_as(tokens)), next_tokens[..., None]), dim=2)
         scores = best * lengths
         stopped = stopped.gather(1, source) | (next_tokens == stop_token)
-        past = select_rows(past, (torch.arange(active, device=device)[:, None] * k + source).flatten())
-    _collect(results, images, torch.ones_like(images, dtype=torch.bool), tokens, scores, lengths)
+        model.keep((torch.arange(active, device=device)[:, None] * k + source).flatten())
+    _collect(results, images, torch.ones_like(images, dtype=torch.bool), tokens, scores, lengths, count)
     return results
 
 
-def _collect(results: list[list[int]], images: torch.Tensor, which: torch.Tensor, tokens: torch.Tensor,
-             scores: torch.Tensor, lengths: torch.Tensor) -> None:
-    """Store the best beam (highest average log-prob) of each image in ``which``."""
+def _collect(results: list[list[list[int]]], images: torch.Tensor, which: torch.Tensor, tokens: torch.Tensor,
+             scores: torch.Tensor, lengths: torch.Tensor, count: int) -> None:
+    """Store the ``count`` best beams (highest average log-prob first) of each image in ``which``."""
     for i in which.nonzero().flatten().tolist():
-        best = int((scores[i] / lengths[i]).argsort(descending=True)[0])
-        results[int(images[i])] = tokens[i, best, : int(lengths[i, best])].tolist()
+        order = (scores[i] / lengths[i]).argsort(descending=True)[:count].tolist()
+        results[int(images[i])] = [tokens[i, beam, : int(lengths[i, beam])].tolist() for beam in order]
 

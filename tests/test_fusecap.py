@@ -304,3 +304,61 @@ def test_a_hub_repo_with_tokenizer_json_and_no_vocab_txt_downloads(blip_dirs, ph
     assert (models / "fusecap" / "FuseCap" / "tokenizer.json").is_file()
     assert result["present"] and len(set(result["local"])) > 1
     assert result["downloaded"] == result["local"]
+
+
+def demo_loop_n_best(folder, images, count, **generate_args):
+    """The model card's code asking generate for its ``count`` best beams, one image at a time."""
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    processor = BlipProcessor.from_pretrained(str(folder))
+    model = BlipForConditionalGeneration.from_pretrained(str(folder)).eval()
+    groups = []
+    for image in images:
+        inputs = processor(image, PROMPT, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, num_return_sequences=count, **generate_args)
+        groups.append([processor.decode(row, skip_special_tokens=True).strip() for row in out])
+    return groups
+
+
+def test_n_best_beams_equal_generate_with_num_return_sequences(blip_dirs, blip_images, models_dir):
+    folder = blip_dirs["safetensors"]
+    images = blip_images[:3]
+    expected = demo_loop_n_best(folder, images, 3, num_beams=4, max_length=60)  # the preset's length
+    captioner = load_fusecap(folder, models_dir)
+    options = captioner.decoding_options({"keep_prompt": True, "num_beams": 4, "captions_per_image": 3,
+                                          "num_candidates": 3})
+    made = captioner.caption_candidates(torch.stack([captioner.preprocessor()(i) for i in images]),
+                                        options.replace(max_new_tokens=None))
+    assert made.texts == expected
+    assert made.image_features is None  # FuseCap has no CLIP of its own: scoring needs a score CLIP
+
+
+def test_sampled_candidates_are_seeded_per_image(blip_dirs, blip_images, models_dir):
+    captioner = load_fusecap(blip_dirs["safetensors"], models_dir)
+    options = captioner.decoding_options({"strategy": "sample", "seed": 4, "max_new_tokens": 12,
+                                          "captions_per_image": 3, "num_candidates": 3})
+    pixels = torch.stack([captioner.preprocessor()(i) for i in blip_images[:3]])
+    together = captioner.caption_candidates(pixels, options).texts
+    alone = [captioner.caption_candidates(pixels[i:i + 1], options).texts[0] for i in range(3)]
+    assert together == alone
+    plain = captioner.caption(blip_images[:3], {"strategy": "sample", "seed": 4, "max_new_tokens": 12})
+    assert [group[0] for group in together] == plain  # candidate 0 is the plain seeded sample
+    assert any(len(set(group)) > 1 for group in together)
+
+
+def test_fusecap_scores_with_a_named_clip(blip_dirs, blip_images, models_dir, tiny_clip):
+    from captioners.judging.judge import Judge, JudgingOptions
+
+    config, weights = tiny_clip  # registered with open_clip by the fixture, as tiny-test-clip
+    captioner = load_fusecap(blip_dirs["safetensors"], models_dir)
+    judge = Judge([captioner], {"max_new_tokens": 12}, JudgingOptions(score=True, score_clip=f"tiny-test-clip:{weights}"))
+    judge.load(torch.device("cpu"), torch.float32)
+    results = judge.judge_images(blip_images[:2])
+    clip = judge.scorer.backbone
+    for image, result in zip(blip_images[:2], results):
+        with torch.no_grad():
+            picture = clip.model.encode_image(clip.preprocess(image)[None]).float()
+            words = clip.model.encode_text(clip.tokenizer(result.captions)).float()
+        cosine = (words / words.norm(dim=-1, keepdim=True)) @ (picture / picture.norm(dim=-1, keepdim=True))[0]
+        assert result.scores == pytest.approx([2.5 * max(float(c), 0.0) for c in cosine], abs=2e-4)

@@ -14,12 +14,13 @@ from typing import Any, Callable, Mapping
 import torch
 from PIL import Image
 
-from captioners.base import Captioner, ModelSpec
+from captioners.base import Candidates, Captioner, ModelSpec
 from captioners.clip_backbone import ClipBackbone, ClipSpec, clip_assets, load_clip
 from captioners.errors import CaptionerError
 from captioners.families.clipcap_modules import ClipPrefixLayout, ClipPrefixModel, inspect_state_dict
 from captioners.options import DecodingOptions
-from captioners.prefix_decoding import beam_search, decode_tokens, greedy_chooser, max_steps, sampling_chooser
+from captioners.prefix_decoding import (beam_candidates, beam_search, decode_tokens, greedy_chooser, max_steps,
+                                        sampling_chooser)
 from captioners.text import GPT2_TOKENIZER, load_gpt2_tokenizer, tokenizer_asset
 from captioners.weights import WEIGHT_SUFFIXES, Asset, ensure_asset, load_state_dict, read_checkpoint_shapes
 
@@ -117,6 +118,7 @@ class ClipPrefixCaptioner(Captioner):
         self.stop_token = -1
         self.normalize = True
         self.postprocess_style = "none"
+        self.null_prefix: torch.Tensor | None = None  # specificity guidance's unconditional prefix
 
     @classmethod
     def assets(cls, spec: ModelSpec) -> list[Asset]:
@@ -189,6 +191,7 @@ class ClipPrefixCaptioner(Captioner):
         model.load_checkpoint(state)
         del state
         self.model = model.eval().requires_grad_(False).to(device=device, dtype=dtype)
+        self.null_prefix = null_prefix(self.model, layout.prefix_size)
         self.normalize, self.postprocess_style = _conventions(config, layout)
         clip_spec = config.clip or _clip_for_width(layout.prefix_size)
         self.clip = load_clip(clip_spec, self.models_dir, device, dtype)
@@ -200,35 +203,83 @@ class ClipPrefixCaptioner(Captioner):
                  layout.prefix_length, clip_spec.label, self.normalize)
 
     def _release(self) -> None:
-        self.model = self.clip = self.tokenizer = None
+        self.model = self.clip = self.tokenizer = self.null_prefix = None
 
     def _move(self, device: torch.device) -> None:
         self.model.to(device)
         self.clip.to(device)
+        self.null_prefix = self.null_prefix.to(device)
 
     def _preprocessor(self) -> Callable[[Image.Image], torch.Tensor]:
         return self.clip.preprocess
 
     def caption_pixels(self, pixels: torch.Tensor, options: DecodingOptions) -> list[str]:
+        return [group[0] for group in self._plain_candidates(pixels, options).texts]
+
+    def _plain_candidates(self, pixels: torch.Tensor, options: DecodingOptions) -> Candidates:
+        embeddings, prefix = self._encode(pixels)
+        texts = [[self._text(tokens, options)] for tokens in self.decode(prefix, options)]
+        return Candidates(texts, self._features(embeddings), self.clip)
+
+    def _candidates(self, pixels: torch.Tensor, options: DecodingOptions, count: int, mode: str) -> Candidates:
+        """The ``count`` best beams of one search per image (width at least ``count``), or ``count``
+        samples per image, sample j drawn from stream j of the seed (so sample 0 is the plain sample)."""
+        embeddings, prefix = self._encode(pixels)
+        steps = self._steps(options)
+        guidance = dict(guidance=options.guidance or 0.0, null_prefix=self.null_prefix)
+        if mode == "beam":
+            beams = max(options.num_beams or 5, count)
+            groups = beam_candidates(self.model.gpt, prefix, self.stop_token, steps, beams, count,
+                                     options.temperature or 1.0, **guidance)
+        else:
+            streams = [j for _ in range(prefix.shape[0]) for j in range(count)]
+            choose = sampling_chooser(options.temperature or 1.0, options.top_p or 1.0, options.top_k, options.seed,
+                                      len(streams), streams)
+            flat = decode_tokens(self.model.gpt, prefix.repeat_interleave(count, dim=0), self.stop_token, steps,
+                                 choose, **guidance)
+            groups = [flat[i:i + count] for i in range(0, len(flat), count)]
+        texts = [[self._text(tokens, options) for tokens in group] for group in groups]
+        return Candidates(texts, self._features(embeddings), self.clip)
+
+    def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CLIP embeddings of the images (as the mapper takes them) and their GPT-2 prefixes."""
         embeddings = self.clip.encode_images(pixels, normalize=self.normalize)
         with torch.inference_mode():
-            prefix = self.model.prefix(embeddings)
-        token_lists = self.decode(prefix, options)
+            return embeddings, self.model.prefix(embeddings)
+
+    def _features(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Normalised image embeddings for CLIPScore: the ones already computed, not a second encode."""
+        return embeddings if self.normalize else embeddings / embeddings.norm(dim=-1, keepdim=True)
+
+    def _text(self, tokens: list[int], options: DecodingOptions) -> str:
         style = self.postprocess_style if options.postprocess is not False else "none"
-        return [postprocess_caption(self.tokenizer.decode(tokens), style) for tokens in token_lists]
+        return postprocess_caption(self.tokenizer.decode(tokens), style)
+
+    def _steps(self, options: DecodingOptions) -> int:
+        layout = self.model.layout
+        return max_steps(options.max_new_tokens or 67, layout.prefix_length, layout.n_positions)
 
     def decode(self, prefix: torch.Tensor, options: DecodingOptions) -> list[list[int]]:
-        layout = self.model.layout
-        steps = max_steps(options.max_new_tokens or 67, layout.prefix_length, layout.n_positions)
+        steps = self._steps(options)
         gpt = self.model.gpt
+        guidance = dict(guidance=options.guidance or 0.0, null_prefix=self.null_prefix)
         if options.strategy == "beam":
-            return beam_search(gpt, prefix, self.stop_token, steps, options.num_beams or 5, options.temperature or 1.0)
+            return beam_search(gpt, prefix, self.stop_token, steps, options.num_beams or 5, options.temperature or 1.0,
+                               **guidance)
         if options.strategy == "sample":
             choose = sampling_chooser(options.temperature or 1.0, options.top_p or 1.0, options.top_k, options.seed,
                                       prefix.shape[0])
         else:
             choose = greedy_chooser()
-        return decode_tokens(gpt, prefix, self.stop_token, steps, choose)
+        return decode_tokens(gpt, prefix, self.stop_token, steps, choose, **guidance)
+
+
+@torch.inference_mode()
+def null_prefix(model: ClipPrefixModel, width: int) -> torch.Tensor:
+    """The guidance's unconditional prefix: the mapping network applied to an all-zero CLIP embedding
+    (no image at all), shape (1, prefix_length, gpt width). Fixed per checkpoint, documented in README."""
+    parameter = next(model.parameters())
+    return model.prefix(torch.zeros(1, width, device=parameter.device, dtype=parameter.dtype))
 
 
 def _clip_from_shapes(weights: Asset) -> ClipSpec | None:

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from captioners.base import Captioner, ModelSpec
+from captioners.base import Candidates, Captioner, ModelSpec
 from captioners.errors import CaptionerError, CheckpointLayoutError
 from captioners.options import DecodingOptions
 from captioners.sampling import RowSampler, row_generators
@@ -175,6 +175,13 @@ class FuseCapCaptioner(Captioner):
         return BlipPixels(self.processor.image_processor)
 
     def caption_pixels(self, pixels: torch.Tensor, options: DecodingOptions) -> list[str]:
+        return [group[0] for group in self._generate(pixels, options, 1, options.strategy or "beam")]
+
+    def _candidates(self, pixels: torch.Tensor, options: DecodingOptions, count: int, mode: str) -> Candidates:
+        """The ``count`` best beams of each image's search, or ``count`` samples (stream j for sample j)."""
+        return Candidates(self._generate(pixels, options, count, mode))
+
+    def _generate(self, pixels: torch.Tensor, options: DecodingOptions, count: int, mode: str) -> list[list[str]]:
         prompt = options.prompt or ""
         prompt_ids = self.processor.tokenizer(prompt, return_tensors="pt")["input_ids"]
         batch = pixels.shape[0]
@@ -183,11 +190,20 @@ class FuseCapCaptioner(Captioner):
         text_config = self.model.config.text_config
         input_ids = prompt_ids[:, :-1].repeat(batch, 1).to(self.device)
         input_ids[:, 0] = text_config.bos_token_id
-        arguments = self.generate_arguments(options, batch, input_ids.shape[1])
+        if count == 1:
+            arguments = self.generate_arguments(options, batch, input_ids.shape[1])
+            repeats = 1
+        else:
+            arguments = self.candidate_arguments(options, batch, input_ids.shape[1], count, mode)
+            repeats = 1 if mode == "beam" else count
+        rows_per_image = arguments["num_beams"] * repeats
         decoder = self.model.text_decoder
         with torch.inference_mode():
             image_embeds = self.encode_images(pixels.to(self.device, self.dtype))
-            with cross_attention_projected_once(decoder, arguments["num_beams"]):
+            if repeats > 1:  # samples: each image's row repeated, one sample stream per copy
+                input_ids = input_ids.repeat_interleave(repeats, dim=0)
+                image_embeds = image_embeds.repeat_interleave(repeats, dim=0)
+            with cross_attention_projected_once(decoder, rows_per_image):
                 out = decoder.generate(
                     input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                     encoder_hidden_states=image_embeds,
@@ -196,10 +212,26 @@ class FuseCapCaptioner(Captioner):
         # Prompt and caption decoded together, as the model card prints them: decoding the new ids
         # alone would start a caption whose first token continues the prompt's last word with "##".
         texts = [text.strip() for text in self.processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
-        if options.keep_prompt:
-            return texts
-        decoded_prompt = self.processor.tokenizer.decode(input_ids[0], skip_special_tokens=True).strip()
-        return [strip_prompt(text, decoded_prompt) for text in texts]
+        if not options.keep_prompt:
+            decoded_prompt = self.processor.tokenizer.decode(input_ids[0], skip_special_tokens=True).strip()
+            texts = [strip_prompt(text, decoded_prompt) for text in texts]
+        return [texts[i:i + count] for i in range(0, len(texts), count)]
+
+    def candidate_arguments(self, options: DecodingOptions, batch: int, prompt_length: int, count: int,
+                            mode: str) -> dict[str, Any]:
+        """generate() arguments for ``count`` candidates per image: the best ``count`` beams of a search at
+        least that wide, or (``mode`` sample) one sampled row per candidate, row j of an image on stream j."""
+        if mode == "beam":
+            arguments = self.generate_arguments(options.replace(strategy="beam"), batch, prompt_length)
+            arguments["num_beams"] = max(arguments["num_beams"], count)
+            arguments["num_return_sequences"] = count
+            return arguments
+        arguments = self.generate_arguments(options.replace(strategy="greedy"), batch, prompt_length)
+        streams = [j for _ in range(batch) for j in range(count)]
+        sampler = RowSampler(row_generators(options.seed, streams), options.top_k, options.top_p or 1.0,
+                             options.temperature or 1.0)
+        arguments["logits_processor"] = _processor_list(sampler)
+        return arguments
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """The vision tower's output tokens, a few images at a time on a CPU.

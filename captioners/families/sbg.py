@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import torch
 from PIL import Image
 
-from captioners.base import Captioner, ModelSpec
+from captioners.base import Candidates, Captioner, ModelSpec
 from captioners.clip_backbone import ClipBackbone, ClipSpec, clip_assets, load_clip
 from captioners.errors import CaptionerError, CheckpointLayoutError
 from captioners.families.clip_prefix import _clip_image_size
@@ -166,26 +166,43 @@ class SbgCaptioner(Captioner):
 
     # ---- captioning -------------------------------------------------------------------------------
     def caption_pixels(self, pixels: torch.Tensor, options: DecodingOptions) -> list[str]:
+        return [group[0] for group in self._plain_candidates(pixels, options).texts]
+
+    def _plain_candidates(self, pixels: torch.Tensor, options: DecodingOptions) -> Candidates:
+        count = 1 if options.strategy == "greedy" else options.num_candidates or 5
+        return self._guesses(pixels, options, count, keep=1)
+
+    def _candidates(self, pixels: torch.Tensor, options: DecodingOptions, count: int, mode: str) -> Candidates:
+        if mode == "beam" or options.strategy == "greedy":
+            raise CaptionerError("SBG samples its candidates: use candidates sample (--candidates sample) with "
+                                 "strategy sample.")
+        return self._guesses(pixels, options, count, keep=count)
+
+    def _guesses(self, pixels: torch.Tensor, options: DecodingOptions, count: int, keep: int) -> Candidates:
+        """``count`` guesses per image, ranked by CLIP as the original's 'validation'; the ``keep`` best."""
         images = self.clip.encode_images(pixels, normalize=True)
         self.store.features(self.sets.fixed_labels())  # one encoding pass for labels every image needs
         prompts = [prompt_for(select_keywords(image, self.sets, self.store.features)) for image in images]
         self.store.save()
-        count = 1 if options.strategy == "greedy" else options.num_candidates or 5
         texts = self.generate(prompts, count, options)
         candidates = [[parse_caption(t) for t in texts[i * count:(i + 1) * count]] for i in range(len(prompts))]
-        chosen = self.choose(images, candidates)
-        if options.postprocess is False:  # the chosen guess as generated, without the Flickr clean-up
-            return [after_separator(texts[i * count + group.index(pick)]).strip()
-                    for i, (group, pick) in enumerate(zip(candidates, chosen))]
-        return chosen
+        ranked = self.ranked(images, candidates)
+        if options.postprocess is False:  # the guesses as generated, without the Flickr clean-up
+            ranked = [[after_separator(texts[i * count + group.index(pick)]).strip() for pick in order]
+                      for i, (group, order) in enumerate(zip(candidates, ranked))]
+        return Candidates([order[:keep] for order in ranked], images, self.clip)
 
     def choose(self, images: torch.Tensor, candidates: list[list[str]]) -> list[str]:
         """Per image, the candidate CLIP finds closest to it (the original's 'validation')."""
+        return [order[0] for order in self.ranked(images, candidates)]
+
+    def ranked(self, images: torch.Tensor, candidates: list[list[str]]) -> list[list[str]]:
+        """Per image, its candidates closest to it first by CLIP (a repeated guess counts once)."""
         if len(candidates[0]) == 1:
-            return [group[0] for group in candidates]
+            return [list(group) for group in candidates]
         features = self.clip.encode_texts([text for group in candidates for text in group])  # one pass
         count = len(candidates[0])
-        return [rank(image, group, lambda _, i=i: features[i * count:(i + 1) * count])[0][0]
+        return [[text for text, _ in rank(image, group, lambda _, i=i: features[i * count:(i + 1) * count])]
                 for i, (image, group) in enumerate(zip(images, candidates))]
 
     def generate(self, prompts: list[str], count: int, options: DecodingOptions) -> list[str]:

@@ -1,0 +1,1 @@
+"""Judging captions: CLIP scores, candidates, quality gates, the dataset report."""
