@@ -23,7 +23,7 @@ from captioners.service import CaptionService, InputNotFoundError
 log = logging.getLogger(__name__)
 
 PREFIX = "/captioners/v1"
-CAPTION_KEYS = {"image", "images", "model", "options"}
+CAPTION_KEYS = {"image", "images", "model", "options", "judging"}
 
 
 def parse_credentials(api_auth: str | None) -> dict[str, str]:
@@ -103,8 +103,9 @@ class CaptionersApi:
         options = payload.get("options")
         if options is not None and not isinstance(options, dict):
             raise CaptionerError("'options' must be an object of decoding options.")
-        model, captions = self.service.caption(images, _model(payload), options)
-        return {"model": model, "captions": captions}
+        models, results = self.service.judge(images, _model(payload), options, payload.get("judging"))
+        return {"model": ",".join(models), "captions": [result.caption for result in results],
+                "results": [judged_dict(result) for result in results]}
 
     def batch(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         job = dict(_object(payload))
@@ -114,6 +115,7 @@ class CaptionersApi:
         if summary.output_failures:
             raise OutputsNotWrittenError(not_written_message(summary))
         result = summary.to_dict()
+        model = ",".join(model) if isinstance(model, list) else model
         result.setdefault("model", model or self.service.settings().model)
         return result
 
@@ -138,10 +140,18 @@ def _object(payload: Any) -> Mapping[str, Any]:
     return payload
 
 
-def _model(payload: Mapping[str, Any]) -> str | None:
+def judged_dict(result: Any) -> dict[str, Any]:
+    """An image's result: its captions with scores, models and flags (see captioners.judging)."""
+    return {"caption": result.caption, "clip_score": result.score, **result.to_dict()}
+
+
+def _model(payload: Mapping[str, Any]) -> str | list[str] | None:
+    """A model id, ids separated by commas, or a list of ids (several models judged together)."""
     model = payload.get("model")
+    if isinstance(model, list) and model and all(isinstance(m, str) and m for m in model):
+        return model
     if model is not None and not isinstance(model, str):
-        raise CaptionerError("'model' must be a model id string.")
+        raise CaptionerError("'model' must be a model id string (or a list of them).")
     return model or None
 
 

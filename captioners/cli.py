@@ -35,7 +35,9 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Model choice and every preset field a user may override."""
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default=DEFAULT_MODEL, help=f"model id or checkpoint path (default {DEFAULT_MODEL})")
+    group.add_argument("--model", default=DEFAULT_MODEL,
+                       help=f"model id or checkpoint path (default {DEFAULT_MODEL}); several comma-separated ids "
+                            "make candidates together (best-of-N across models with --select clip)")
     group.add_argument("--weights", help="use this local weights file (or folder) instead of the preset's")
     group.add_argument("--clip-arch", help="open_clip architecture name, e.g. ViT-L-14")
     group.add_argument("--clip-weights", help="open_clip pretrained tag (openai) or a local CLIP weights file")
@@ -61,7 +63,18 @@ def add_decoding_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-k", type=int, metavar="K", help="sampling: keep the K most likely tokens")
     group.add_argument("--repetition-penalty", type=float, help="above 1 discourages repeated tokens")
     group.add_argument("--seed", type=int, help="makes sampling reproducible (the same caption alone or in a batch)")
-    group.add_argument("--num-candidates", type=int, metavar="N", help="SBG: captions sampled per image before re-ranking")
+    group.add_argument("--num-candidates", type=int, metavar="N",
+                       help="candidates made per image: SBG's sampled guesses before re-ranking; for "
+                            "--captions-per-image and --select clip the pool they are chosen from (default 5)")
+    group.add_argument("--captions-per-image", type=int, metavar="N",
+                       help="keep the N best distinct captions per image (caption files: one per line)")
+    group.add_argument("--candidates", choices=("beam", "sample"),
+                       help="how several candidates are made: the best beams of one search, or seeded samples "
+                            "(default: sample when --strategy sample, else beam)")
+    group.add_argument("--select", choices=("model", "clip"),
+                       help="rank candidates by the model's own order (default) or by CLIPScore (best-of-N)")
+    group.add_argument("--guidance", type=float, metavar="G",
+                       help="CLIP-prefix: specificity guidance, more image-specific captions (0 = none; try 1-3)")
     group.add_argument("--prompt", help="FuseCap: text the caption continues")
     group.add_argument("--keep-prompt", action=argparse.BooleanOptionalAction, default=None,
                        help="FuseCap: keep the prompt at the start of the caption (default: removed)")
@@ -72,7 +85,35 @@ def add_decoding_options(parser: argparse.ArgumentParser) -> None:
 MODEL_OVERRIDE_ARGS = ("weights", "clip_arch", "clip_weights", "clip_config", "tokenizer", "vocabulary", "normalize",
                        "postprocess")
 DECODING_ARGS = ("strategy", "num_beams", "max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k",
-                 "repetition_penalty", "seed", "num_candidates", "prompt", "keep_prompt")
+                 "repetition_penalty", "seed", "num_candidates", "prompt", "keep_prompt", "captions_per_image",
+                 "candidates", "select", "guidance")
+
+
+def add_judging_options(parser: argparse.ArgumentParser, budget: bool = True) -> None:
+    """CLIPScore and the quality gates (the batch command has --max-tokens among its text options)."""
+    group = parser.add_argument_group("judging (scores and quality gates)")
+    group.add_argument("--score", action="store_true",
+                       help="CLIPScore of every caption (2.5 * max(cos, 0)); the model's own CLIP when it has one")
+    group.add_argument("--score-clip", metavar="ARCH[:WEIGHTS]",
+                       help="CLIP that scores captions, e.g. ViT-L-14:openai (default: the model's own CLIP, "
+                            "else ViT-L-14:openai, downloaded like model files)")
+    if budget:
+        group.add_argument("--max-tokens", type=int, default=75,
+                           help="flag captions longer than this many CLIP tokens (0: no check; default 75)")
+    group.add_argument("--t5-max-tokens", type=int, default=0, metavar="N",
+                       help="also flag captions longer than N T5 tokens (Flux / SD3 trainers, e.g. 512; 0: off)")
+    group.add_argument("--trim-to-budget", action="store_true",
+                       help="cut captions over --max-tokens at the last sentence or comma boundary (never mid-word)")
+    group.add_argument("--on-flag", choices=("keep", "skip", "retry"), default="keep",
+                       help="flagged captions: keep them (default), skip the image (write nothing), or retry "
+                            "with beam search and keep the better one")
+
+
+def judging_options(args: argparse.Namespace):
+    from captioners.judging.options import JudgingOptions
+
+    return JudgingOptions(score=args.score, score_clip=args.score_clip, max_tokens=args.max_tokens,
+                          t5_max_tokens=args.t5_max_tokens, trim_to_budget=args.trim_to_budget, on_flag=args.on_flag)
 
 
 def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -88,12 +129,32 @@ def decoding_options(args: argparse.Namespace):
     return DecodingOptions.from_mapping(values)
 
 
-def load_captioner_from_args(args: argparse.Namespace):
+def model_ids(args: argparse.Namespace) -> list[str]:
+    ids = [part.strip() for part in str(args.model).split(",") if part.strip()]
+    if not ids:
+        raise CaptionerError("--model is empty: give a model id (python -m captioners models lists them).")
+    if len(ids) > 1 and model_overrides(args):
+        raise CaptionerError(f"--{next(iter(model_overrides(args))).replace('_', '-')} applies to one model; "
+                             "with several --model ids put such settings in presets.json.")
+    return ids
+
+
+def load_captioners_from_args(args: argparse.Namespace) -> list:
+    """The --model captioner(s), loaded; every model's files are checked before the first loads."""
     from captioners.paths import resolve_models_dir
     from captioners.registry import create_captioner
+    from captioners.weights import ensure_assets
 
-    captioner = create_captioner(args.model, resolve_models_dir(args.models_dir), model_overrides(args))
-    return captioner.load(args.device, args.dtype)
+    models_dir = resolve_models_dir(args.models_dir)
+    captioners = [create_captioner(model, models_dir, model_overrides(args)) for model in model_ids(args)]
+    if len(captioners) > 1:
+        ensure_assets([a for c in captioners for a in type(c).assets(c.spec)], models_dir,
+                      model=", ".join(c.spec.id for c in captioners))
+    return [captioner.load(args.device, args.dtype) for captioner in captioners]
+
+
+def load_captioner_from_args(args: argparse.Namespace):
+    return load_captioners_from_args(args)[0]
 
 
 def one_line(text: str) -> str:
@@ -107,6 +168,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from captioners.options import checked_number
 
     options = decoding_options(args)
+    judging = judging_options(args)
     batch_size = checked_number("batch_size", args.batch_size)
     paths, failures = caption_inputs(args.inputs, args.recursive)
     for path, reason in failures:
@@ -114,7 +176,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if not paths:  # nothing to caption: say so before spending a model load on it
         hint = "" if args.recursive else " (sub-folders are searched only with -r/--recursive)"
         raise CaptionerError(f"No images to caption in {', '.join(map(display_path, args.inputs))}{hint}.")
-    captioner = load_captioner_from_args(args)
+    judge = make_judge(load_captioners_from_args(args), options, judging)
     for start in range(0, len(paths), batch_size):
         chunk, images = [], []
         for path in paths[start:start + batch_size]:
@@ -124,13 +186,44 @@ def cmd_caption(args: argparse.Namespace) -> int:
             except CaptionerError as exc:
                 failures.append((path, str(exc)))
                 print(f"error: {exc}", file=sys.stderr)
-        for path, caption in zip(chunk, captioner.caption(images, options)):
-            if args.jsonl:
-                record = {"path": str(path), "caption": caption, "model": captioner.spec.id}
-                print(json_bytes(record).decode("utf-8"), flush=True)
-            else:
-                print(f"{display_path(path)}\t{one_line(caption)}", flush=True)
+        if images:
+            for path, result in zip(chunk, judge.judge_images(images)):
+                print_judged(path, result, ",".join(judge.model_ids), args.jsonl)
     return 1 if failures else 0
+
+
+def make_judge(captioners: list, options: Any, judging: Any):
+    """The Judge of a caption run, with its token counters and scoring CLIP loaded."""
+    from captioners.batch.shaping import clip_token_counter
+    from captioners.judging.judge import Judge
+
+    count_t5 = None
+    if judging.t5_max_tokens:
+        from captioners.judging.budgets import t5_token_counter
+
+        count_t5 = t5_token_counter(captioners[0].models_dir)
+    judge = Judge(captioners, options, judging, count_tokens=clip_token_counter() if judging.max_tokens else None,
+                  count_t5_tokens=count_t5)
+    return judge.load(captioners[0].device, captioners[0].dtype)
+
+
+def print_judged(path: Path, result: Any, model: str, as_json: bool) -> None:
+    """path<TAB>caption (a line per caption; <TAB>score with --score), and a "flagged:" line on stderr
+    per quality gate a caption failed; or one JSON object per image."""
+    if as_json:
+        record = {"path": str(path), "caption": result.caption, "model": result.models[0] if result.models else model}
+        if len(result.captions) > 1 or result.score is not None or result.flag_codes:
+            record.update(result.to_dict())
+            record["clip_score"] = result.score
+        print(json_bytes(record).decode("utf-8"), flush=True)
+    else:
+        if not result.skipped:
+            for caption, score in zip(result.captions, result.scores):
+                tail = f"\t{score:.4f}" if score is not None else ""
+                print(f"{display_path(path)}\t{one_line(caption)}{tail}", flush=True)
+    for flag in (result.flags[0] if result.flags else []):
+        action = " (skipped)" if result.skipped else " (retried)" if result.retried else ""
+        print(f"flagged: {display_path(path)}: {flag.code}: {flag.message}{action}", file=sys.stderr)
 
 
 def caption_inputs(inputs: Sequence[str], recursive: bool) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -157,6 +250,7 @@ def add_caption_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--jsonl", action="store_true", help="print one JSON object per image")
     add_model_options(parser)
     add_decoding_options(parser)
+    add_judging_options(parser)
     add_common(parser)
     parser.set_defaults(func=cmd_caption)
 

@@ -97,6 +97,7 @@ class CaptionService:
         self._captioner: Captioner | None = None
         self._state_lock = threading.RLock()  # guards _captioner and _stops
         self._stops: set[threading.Event] = set()
+        self._scorer: Any = None  # the last scoring CLIP (captioners.judging.scoring.ScoringClip), kept loaded
 
     # ---- models ---------------------------------------------------------------------------------
     def settings(self) -> Settings:
@@ -159,6 +160,45 @@ class CaptionService:
                 self.host.report(len(images), len(images), "")
         return spec.id, captions
 
+    def judge(self, images: Sequence[Image.Image | EncodedImage], model: str | Sequence[str] | None = None,
+              options: DecodingOptions | Mapping[str, Any] | None = None, judging: Any = None
+              ) -> tuple[list[str], list[Any]]:
+        """Judged captions (scores, several per image, best-of-N, gates: see captioners.judging) of PIL or
+        encoded images; returns (model ids, one JudgedImage per image). Several models: the first is
+        kept as Settings say, the others are loaded for this call and freed after it."""
+        from captioners.batch.shaping import clip_token_counter
+        from captioners.judging.judge import Judge
+        from captioners.judging.options import JudgingOptions
+
+        if not images:
+            raise CaptionerError("No image given.")
+        settings = self.settings()
+        check_pixel_limits(images, settings)
+        judging = judging if isinstance(judging, JudgingOptions) else JudgingOptions.from_mapping(judging)
+        specs = [self.spec(m) for m in _model_list(model)]
+        decoding = _as_options(options).merged(settings.decoding)
+        device = self.host.device(settings.device)
+        with self.host.job("captioners", device):
+            with self._use_many(specs, settings, device) as captioners:
+                counter = clip_token_counter() if judging.max_tokens else None
+                count_t5 = self._t5_counter(judging, settings)
+                judge = Judge(captioners, decoding, judging, count_tokens=counter, count_t5_tokens=count_t5,
+                              swap_models=len(captioners) > 1 and settings.after_use != "keep",
+                              scorer=self._scorer)
+                judge.load(captioners[0].device, captioners[0].dtype)
+                self._scorer = judge.scorer or self._scorer
+                self.host.report(0, len(images), f"Captioning {len(images)} image(s) with {judge.model_ids[0]}")
+                results = judge.judge_images(list(images))
+                self.host.report(len(images), len(images), "")
+        return judge.model_ids, results
+
+    def _t5_counter(self, judging: Any, settings: Settings) -> Callable[[str], int] | None:
+        if not judging.t5_max_tokens:
+            return None
+        from captioners.judging.budgets import t5_token_counter
+
+        return t5_token_counter(settings.models_dir)
+
     def run_batch(self, job: Any, model: str | None = None,
                   on_progress: Callable[[Any], None] | None = None,
                   stop: threading.Event | None = None) -> Any:
@@ -169,7 +209,7 @@ class CaptionService:
             job = BatchJob.from_mapping(job)
         check_inputs([*job.inputs, *([job.file_list] if getattr(job, "file_list", None) else [])])
         settings = self.settings()
-        spec = self.spec(model)
+        specs = [self.spec(m) for m in _model_list(model)]
         job = _with_default_decoding(job, settings.decoding)
         plan = plan_job(job)  # bad inputs and outputs are refused before the model loads
         device = self.host.device(settings.device)
@@ -185,9 +225,10 @@ class CaptionService:
 
         try:
             with self.host.job("captioners batch", device):
-                with self._use(spec, settings, device) as captioner:
-                    return run_batch(captioner, job, on_progress=progress, plan=plan,
-                                     should_stop=lambda: stop.is_set() or self.host.stop_requested())
+                with self._use_many(specs, settings, device) as captioners:
+                    return run_batch(captioners, job, on_progress=progress, plan=plan,
+                                     should_stop=lambda: stop.is_set() or self.host.stop_requested(),
+                                     swap_models=len(captioners) > 1 and settings.after_use != "keep")
         finally:
             with self._state_lock:
                 self._stops.discard(stop)
@@ -206,6 +247,7 @@ class CaptionService:
                 captioner, self._captioner = self._captioner, None
             if captioner is None or not captioner.loaded:
                 return None
+            self._scorer = None
             captioner.unload()
             log.info("Unloaded %s", captioner.spec.id)
             return captioner.spec.id
@@ -228,6 +270,28 @@ class CaptionService:
             self._drop()
             raise
         self._after_use(settings.after_use)
+
+    @contextlib.contextmanager
+    def _use_many(self, specs: Sequence[ModelSpec], settings: Settings, device: torch.device
+                  ) -> Iterator[list[Captioner]]:
+        """The first model as :meth:`_use` keeps it; the others loaded for this job only and freed after
+        it (every model's files are checked first, so a missing one is named before any load)."""
+        from captioners.registry import FAMILIES, create_captioner
+        from captioners.weights import ensure_assets
+
+        if len(specs) > 1:
+            ensure_assets([a for spec in specs for a in FAMILIES[spec.family].assets(spec)], settings.models_dir,
+                          model=", ".join(spec.id for spec in specs))
+        with self._use(specs[0], settings, device) as first:
+            extras: list[Captioner] = []
+            try:
+                for spec in specs[1:]:
+                    extras.append(create_captioner(spec, settings.models_dir).load(device,
+                                                                                   self.host.dtype(settings.dtype, device)))
+                yield [first, *extras]
+            finally:
+                for extra in extras:
+                    extra.unload()
 
     def _acquire(self, spec: ModelSpec, settings: Settings, device: torch.device) -> Captioner:
         from captioners.registry import create_captioner
@@ -331,6 +395,15 @@ def check_pixel_limits(images: Sequence[Any], settings: Settings) -> None:
 def _millions(pixels: int) -> str:
     """Enough digits that a count just above a limit never reads as the limit itself."""
     return f"{pixels / 1e6:.4g}"
+
+
+def _model_list(model: str | Sequence[str] | None) -> list[str | None]:
+    """A model id, several (a list, or ids separated by commas), or None for the Settings' model."""
+    if model is None:
+        return [None]
+    items = [model] if isinstance(model, str) else list(model)
+    ids = [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+    return ids or [None]
 
 
 def _as_options(options: DecodingOptions | Mapping[str, Any] | None) -> DecodingOptions:

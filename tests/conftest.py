@@ -77,3 +77,25 @@ def load_tiny(clip_overrides, tmp_path_factory):
         return captioner.load("cpu")
 
     return load
+
+
+@pytest.fixture(scope="session")
+def scoring_clip(assets_dir) -> tuple[Path, Path]:
+    """A tiny CLIP whose cosines with the photos are often positive (the default tiny CLIP's are
+    negative, so every CLIPScore would be 0 and a ranking by score would test nothing)."""
+    return tiny_models.build_clip(assets_dir / "judge-clip", name="tiny-judge-clip", seed=3)
+
+
+@pytest.fixture(scope="session")
+def scoring_overrides(scoring_clip, tokenizer_dir) -> dict[str, str]:
+    config, weights = scoring_clip
+    return {"clip_config": str(config), "clip_weights": str(weights), "tokenizer": str(tokenizer_dir)}
+
+
+@pytest.fixture(scope="session")
+def load_scoring_tiny(scoring_overrides, tmp_path_factory):
+    """Load a tiny CLIP-prefix checkpoint on the scoring tiny CLIP, on the CPU."""
+    from captioners.registry import create_captioner
+
+    models_dir = tmp_path_factory.mktemp("scoring-models")
+    return lambda path: create_captioner(str(path), models_dir, scoring_overrides).load("cpu")

@@ -112,7 +112,7 @@ def test_unexpected_errors_are_500_without_a_traceback(webui, photos, monkeypatc
     def broken(*args, **kwargs):
         raise ZeroDivisionError("oops")
 
-    monkeypatch.setattr(extension.service, "caption", broken)
+    monkeypatch.setattr(extension.service, "judge", broken)
     response = client.post("/captioners/v1/caption", json={"image": b64(photos[0])})
     assert response.status_code == 500
     assert response.json() == {"detail": "ZeroDivisionError: oops (details in the server log)"}
@@ -247,3 +247,51 @@ def test_malformed_bodies_get_a_one_line_detail(client, route, body, words):
     assert response.status_code == 400, response.text
     detail = response.json()["detail"]
     assert isinstance(detail, str) and len(detail.splitlines()) == 1 and words in detail
+
+
+# ---- judged captions ----------------------------------------------------------------------------
+def test_caption_returns_scores_several_captions_and_flags(client, photos):
+    response = client.post("/captioners/v1/caption", json={
+        "images": [b64(photos[0]), b64(photos[1])], "judging": {"score": True},
+        "options": {"captions_per_image": 3, "strategy": "beam", "max_new_tokens": 20}})
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert len(data["results"]) == 2 and data["captions"] == [r["caption"] for r in data["results"]]
+    for result in data["results"]:
+        assert len(result["captions"]) == 3 and len({c["caption"] for c in result["captions"]}) == 3
+        assert all(isinstance(c["clip_score"], float) and c["model"] == TINY for c in result["captions"])
+        assert result["clip_score"] == result["captions"][0]["clip_score"]
+        assert isinstance(result["flags"], list) and result["skipped"] is False
+    plain = client.post("/captioners/v1/caption", json={"image": b64(photos[0])}).json()
+    assert plain["results"][0]["clip_score"] is None and len(plain["results"][0]["captions"]) == 1
+
+
+@pytest.mark.parametrize("body", [
+    {"judging": {"score": "yes"}}, {"judging": {"on_flag": "maybe"}}, {"judging": []}, {"judging": {"x": 1}},
+    {"options": {"captions_per_image": 0}}, {"options": {"select": "best"}}, {"options": {"guidance": -2}},
+    {"options": {"candidates": 3}}, {"model": [TINY, 3]},
+])
+def test_bad_judging_requests_are_400(client, photos, body):
+    response = client.post("/captioners/v1/caption", json={"image": b64(photos[0]), **body})
+    assert response.status_code == 400, response.text
+    assert isinstance(response.json()["detail"], str) and "\n" not in response.json()["detail"]
+
+
+def test_batch_with_judging_reports_scores_and_flags(client, photos, tmp_path):
+    import shutil
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for photo in photos[:3]:
+        shutil.copy(photo, folder / photo.name)
+    response = client.post("/captioners/v1/batch", json={
+        "inputs": [str(folder)], "judging": {"score": True}, "decoding": {"captions_per_image": 2, "max_new_tokens": 20},
+        "report_html": str(tmp_path / "report.html")})
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["captioned"] == 3 and data["clip_score"]["count"] == 3
+    assert set(data["flags"]) >= {"empty", "short", "repetition", "over_budget", "low_score"}
+    assert data["report_html"] == str(tmp_path / "report.html") and (tmp_path / "report.html").is_file()
+    assert all(len(p.read_text().splitlines()) == 2 for p in folder.glob("*.txt"))
+    bad = client.post("/captioners/v1/batch", json={"inputs": [str(folder)], "judging": {"max_tokens": 10}})
+    assert bad.status_code == 400 and "shaping.max_tokens" in bad.json()["detail"]

@@ -299,7 +299,7 @@ def test_should_stop_ends_cleanly_between_batches_and_a_rerun_finishes(captioner
 def test_a_model_error_fails_its_batch_and_the_run_goes_on(captioner, photos, tmp_path, monkeypatch):
     folder = tmp_path / "set"
     copy_photos(photos, folder, 6)
-    real = type(captioner).caption_pixels
+    real = type(captioner).caption_candidates  # every batch's model call
     calls = []
 
     def flaky(self, pixels, options):
@@ -308,7 +308,7 @@ def test_a_model_error_fails_its_batch_and_the_run_goes_on(captioner, photos, tm
             raise RuntimeError("CUDA out of memory (simulated)")
         return real(self, pixels, options)
 
-    monkeypatch.setattr(type(captioner), "caption_pixels", flaky)
+    monkeypatch.setattr(type(captioner), "caption_candidates", flaky)
     summary = run_batch(captioner, BatchJob(inputs=[str(folder)], batch_size=2))
     assert summary.captioned == 4 and len(summary.failed) == 2
     assert all("out of memory" in reason for _, reason in summary.failed)

@@ -348,7 +348,8 @@ def test_sampled_candidates_are_seeded_per_image(blip_dirs, blip_images, models_
 
 
 def test_fusecap_scores_with_a_named_clip(blip_dirs, blip_images, models_dir, tiny_clip):
-    from captioners.judging.judge import Judge, JudgingOptions
+    from captioners.judging.judge import Judge
+    from captioners.judging.options import JudgingOptions
 
     config, weights = tiny_clip  # registered with open_clip by the fixture, as tiny-test-clip
     captioner = load_fusecap(blip_dirs["safetensors"], models_dir)

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from captioners.judging.judge import Judge, JudgingOptions, candidate_key
+from captioners.judging.judge import Judge, candidate_key
+from captioners.judging.options import JudgingOptions
 from captioners.judging.scoring import clip_scores, parse_score_clip
 from captioners.options import DecodingOptions
 from captioners.prefix_decoding import beam_candidates
@@ -21,15 +22,8 @@ SHORT = {"max_new_tokens": 20}
 
 
 @pytest.fixture(scope="module")
-def load_tiny(assets_dir, tokenizer_dir, tmp_path_factory):
-    """Tiny CLIP-prefix models on a tiny CLIP whose cosines with these photos are often positive
-    (the suite's default tiny CLIP gives negative ones, so every CLIPScore would be 0)."""
-    from captioners.registry import create_captioner
-
-    config, weights = tiny_models.build_clip(assets_dir / "judge-clip", name="tiny-judge-clip", seed=3)
-    overrides = {"clip_config": str(config), "clip_weights": str(weights), "tokenizer": str(tokenizer_dir)}
-    models_dir = tmp_path_factory.mktemp("judge-models")
-    return lambda path: create_captioner(str(path), models_dir, overrides).load("cpu")
+def load_tiny(load_scoring_tiny):
+    return load_scoring_tiny
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,8 @@ def test_every_run_succeeds_and_prints_its_captions(runs):
 
 
 def test_no_warning_reaches_the_user(runs):
-    noisy = [line for line in runs.stderr.splitlines() if not line.startswith("INFO: ")]
+    # "flagged:" lines are the quality gates' findings about a caption (tiny models write loops).
+    noisy = [line for line in runs.stderr.splitlines() if not line.startswith(("INFO: ", "flagged: "))]
     assert noisy == [], "\n".join(noisy)
     assert "arning" not in runs.stderr and "deprecated" not in runs.stderr
 

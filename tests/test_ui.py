@@ -54,13 +54,25 @@ def test_dropdown_marks_models_with_missing_files(service):
 
 def test_caption_handler(service, photos):
     image = Image.open(photos[0])
-    caption, status = caption_image(service, image, TINY, *([None] * 13))
+    judging = [False, "", "keep", 75, 0, False]
+    caption, status, judged = caption_image(service, image, TINY, *judging, *([None] * 13))
     assert caption == service.caption([image])[1][0] and status.startswith(TINY)
     # User errors go to the status line; the caption being edited is left alone.
-    kept, status = caption_image(service, None, TINY)
+    kept, status, _ = caption_image(service, None, TINY)
     assert kept == gr.update() and status == "Upload an image first."
-    kept, status = caption_image(service, image, "clipcap-coco" + render.MISSING)
+    kept, status, _ = caption_image(service, image, "clipcap-coco" + render.MISSING)
     assert kept == gr.update() and status.startswith("Error: Missing model file") and "coco_weights.pt" in status
+
+
+def test_caption_handler_scores_and_lists_several_captions(service, photos):
+    image = Image.open(photos[0])
+    judging = [True, "", "keep", 75, 0, False]
+    decoding = ["beam", -1, 0, 20, 0, 0, 0, 0, 0, 0, "", "model default", False, 3, "model default", "model", 0]
+    caption, status, judged = caption_image(service, image, TINY, *judging, *decoding)
+    _, results = service.judge([image], TINY, decoding_mapping(*decoding), {"score": True})
+    assert caption.split("\n") == results[0].captions and len(results[0].captions) == 3
+    assert f"CLIPScore {results[0].score:.3f}" in status
+    assert judged.count("<tr>") == 4 and "CLIPScore" in judged
 
 
 def test_decoding_controls_map_unset_to_none():
@@ -69,6 +81,9 @@ def test_decoding_controls_map_unset_to_none():
         "strategy": "beam", "seed": 3, "num_beams": 4, "max_new_tokens": 20, "min_new_tokens": 2, "temperature": 0.7,
         "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.2, "num_candidates": 5, "prompt": "a photo of",
         "keep_prompt": False, "postprocess": False}
+    assert decoding_mapping(*([None] * 13), 3, "sample", "clip", 1.5) == {
+        "captions_per_image": 3, "candidates": "sample", "select": "clip", "guidance": 1.5}
+    assert decoding_mapping(*([None] * 13), 0, "model default", "model", 0) == {}
 
 
 def test_settings_decoding_fills_what_the_request_leaves_unset(tiny_models_dir, photos):

@@ -95,7 +95,8 @@ def test_download_fetches_every_file_then_the_model_runs_offline(tmp_path, icg_c
         result = run("", hub.endpoint, models_dir, "-m", "captioners", "caption", str(image), "--model", "tiny-hub",
                      "--quiet", offline=True)
         assert result.returncode == 0, result.stderr
-        assert result.stdout.strip().endswith(" .") and result.stderr == ""
+        noise = [line for line in result.stderr.splitlines() if not line.startswith("flagged: ")]  # gate findings
+        assert result.stdout.strip().endswith(" .") and noise == []
         assert hub.requests == []
 
 

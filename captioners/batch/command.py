@@ -84,10 +84,16 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     combined.add_argument("--kohya-full-path", action="store_true",
                           help="kohya keys are absolute image paths (default: file stems)")
     combined.add_argument("--report", metavar="FILE", help="write the summary, every failure and its reason as JSON")
+    combined.add_argument("--report-html", metavar="FILE",
+                          help="write the dataset report: caption lengths, frequent words/tags, duplicates, "
+                               "CLIPScores and flagged captions with thumbnails, in one HTML file")
     combined.add_argument("--json", action="store_true", help="print the summary as JSON instead of text")
+    out.add_argument("--join", action="store_true",
+                     help="several captions per image: one line joined by --separator (default: one per line)")
 
     cli.add_model_options(parser)
     cli.add_decoding_options(parser)
+    cli.add_judging_options(parser, budget=False)
     cli.add_common(parser)
     parser.set_defaults(func=cmd_batch)
 
@@ -105,7 +111,10 @@ def job_from_args(args: argparse.Namespace) -> BatchJob:
         "separator": args.separator, "dedupe_tags": args.dedupe_tags, "backup": args.backup,
         "dry_run": args.dry_run, "shaping": shaping, "batch_size": args.batch_size, "workers": args.workers,
         "loader": args.loader, "fast_decode": args.fast_decode, "jsonl": args.jsonl, "csv": args.csv,
-        "kohya_json": args.kohya_json, "kohya_full_path": args.kohya_full_path, "report": args.report})
+        "kohya_json": args.kohya_json, "kohya_full_path": args.kohya_full_path, "report": args.report,
+        "report_html": args.report_html, "join": args.join,
+        "judging": {"score": args.score, "score_clip": args.score_clip, "t5_max_tokens": args.t5_max_tokens,
+                    "trim_to_budget": args.trim_to_budget, "on_flag": args.on_flag}})
     job.decoding = cli.decoding_options(args)
     return job
 
@@ -127,10 +136,11 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(max(1, args.threads))
     plan = plan_job(job)  # bad inputs fail here, before the model is loaded
-    captioner = cli.load_captioner_from_args(args)
+    captioners = cli.load_captioners_from_args(args)
     stop = StopOnSignal()
     with stop, ProgressBar(disable=args.quiet or args.json) as bar:
-        summary = run_batch(captioner, job, on_progress=bar.update, should_stop=stop, plan=plan)
+        summary = run_batch(captioners, job, on_progress=bar.update, should_stop=stop, plan=plan,
+                            swap_models=len(captioners) > 1)
     _reconfigure_stdout()
     if args.json:
         print(json_bytes(summary.to_dict(), indent=2).decode("utf-8"))  # names with bad bytes as \udcXX
@@ -211,6 +221,7 @@ def print_summary(summary: BatchSummary) -> None:
           f"{len(summary.failed)} of {summary.total} images in {summary.elapsed_s:.1f} s "
           f"({summary.images_per_s:.2f} images/s)" + (" - stopped early; rerun to caption the rest"
                                                        if summary.interrupted else ""))
+    print_judging(summary)
     for title, pairs in (("failed", summary.failed), ("warnings", summary.warnings),
                          ("not written", summary.output_failures)):
         if pairs:
@@ -229,6 +240,29 @@ def print_summary(summary: BatchSummary) -> None:
         print(f"backups of replaced files: {len(summary.backups)} (*.bak)")
     if summary.resumed and summary.journal:
         print(f"run journal: {display_path(summary.journal)} (delete it to apply --existing to those images again)")
+
+
+def print_judging(summary: BatchSummary) -> None:
+    """CLIPScores of the run and the quality gates: counts per gate, then the flagged captions."""
+    from captioners.cli import one_line
+
+    if summary.clip_score:
+        s = summary.clip_score
+        low = (f"; low_score at or below {summary.low_score_threshold:.3f}"
+               if summary.low_score_threshold is not None else "")
+        print(f"CLIPScore: mean {s['mean']:.3f}, median {s['median']:.3f}, min {s['min']:.3f}, max {s['max']:.3f} "
+              f"({s['count']} captions{low})")
+    if summary.flagged_total:
+        counts = ", ".join(f"{code} {count}" for code, count in summary.flags.items() if count)
+        skipped = f"; {summary.flag_skipped} not written (--on-flag skip)" if summary.flag_skipped else ""
+        print(f"flagged ({summary.flagged_total}): {counts}{skipped}")
+        for entry in summary.flagged[:SHOWN_CHANGES]:
+            print(f"  {display_path(entry['image'])}: {'; '.join(entry['messages'])} [{entry['action']}]: "
+                  f"{one_line(entry['caption'])[:120]}")
+        if summary.flagged_total > SHOWN_CHANGES:
+            print(f"  ... {summary.flagged_total - SHOWN_CHANGES} more (see --json, --report or --report-html)")
+    if summary.report_html:
+        print(f"dataset report: {display_path(summary.report_html)}")
 
 
 def _reconfigure_stdout() -> None:

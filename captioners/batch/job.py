@@ -12,6 +12,7 @@ from enum import Enum
 from typing import Any, Mapping
 
 from captioners.errors import CaptionerError
+from captioners.judging.options import JudgingOptions
 from captioners.options import DecodingOptions, checked_number
 
 
@@ -78,7 +79,10 @@ class BatchJob:
     kohya_json: str | None = None
     kohya_full_path: bool = False    # kohya metadata keys: absolute paths instead of file stems
     report: str | None = None        # JSON summary with every failure and its reason
+    report_html: str | None = None   # the dataset report: one self-contained HTML file
     decoding: DecodingOptions = field(default_factory=DecodingOptions)
+    judging: JudgingOptions = field(default_factory=JudgingOptions)  # scores, gates, trimming, on_flag
+    join: bool = False               # several captions per image: one line joined by separator (default: a line each)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -93,6 +97,12 @@ class BatchJob:
         self.batch_size = checked_number("batch_size", self.batch_size)
         self.workers = checked_number("workers", self.workers)
         self.shaping.max_tokens = checked_number("max_tokens", self.shaping.max_tokens)  # 0: no check
+        if not isinstance(self.judging, JudgingOptions):
+            self.judging = JudgingOptions.from_mapping(self.judging)
+        if self.judging.max_tokens != self.shaping.max_tokens:  # one budget: the text options' max_tokens
+            from dataclasses import replace
+
+            self.judging = replace(self.judging, max_tokens=self.shaping.max_tokens)
         if self.shaping.trigger_mode == TriggerMode.REPLACE and self.shaping.trigger and not self.shaping.class_words:
             raise CaptionerError("trigger_mode 'replace' (--trigger-mode replace) needs class_words (--class-word): "
                                  "the words the trigger replaces.")
@@ -101,9 +111,9 @@ class BatchJob:
                 re.compile(pattern)
             except re.error as exc:
                 raise CaptionerError(f"Bad regular expression {pattern!r} in replacements: {exc}.") from exc
-        outputs = [p for p in (self.jsonl, self.csv, self.kohya_json, self.report) if p]
+        outputs = [p for p in (self.jsonl, self.csv, self.kohya_json, self.report, self.report_html) if p]
         if len(set(outputs)) != len(outputs):
-            raise CaptionerError("jsonl, csv, kohya_json and report must be different files.")
+            raise CaptionerError("jsonl, csv, kohya_json, report and report_html must be different files.")
         return self
 
     @classmethod
@@ -116,6 +126,12 @@ class BatchJob:
             values["shaping"] = _shaping_from_mapping(values["shaping"])
         if "decoding" in values:
             values["decoding"] = DecodingOptions.from_mapping(values["decoding"])
+        if "judging" in values:
+            judging = values["judging"]
+            if isinstance(judging, Mapping) and "max_tokens" in judging:
+                raise CaptionerError("In a batch job the token budget is shaping.max_tokens (--max-tokens), "
+                                     "not judging.max_tokens.")
+            values["judging"] = JudgingOptions.from_mapping(judging)
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,6 +142,8 @@ class BatchJob:
                 value = {s.name: _plain(getattr(value, s.name)) for s in fields(value)}
             elif f.name == "decoding":
                 value = value.to_dict()
+            elif f.name == "judging":  # its token budget is shaping's max_tokens
+                value = {k: v for k, v in value.to_dict().items() if k != "max_tokens"}
             out[f.name] = _plain(value)
         return out
 
@@ -151,7 +169,8 @@ _JOB_TYPES: dict[str, Any] = {
     "extension": "str", "existing": ExistingPolicy, "separator": "str", "dedupe_tags": "bool",
     "backup": "bool", "dry_run": "bool", "shaping": "mapping", "batch_size": "int", "workers": "int",
     "loader": Loader, "fast_decode": "bool", "jsonl": "opt_str", "csv": "opt_str", "kohya_json": "opt_str",
-    "kohya_full_path": "bool", "report": "opt_str", "decoding": "mapping",
+    "kohya_full_path": "bool", "report": "opt_str", "report_html": "opt_str", "decoding": "mapping",
+    "judging": "mapping", "join": "bool",
 }
 _SHAPING_TYPES: dict[str, Any] = {
     "prefix": "str", "suffix": "str", "trigger": "str", "trigger_mode": TriggerMode, "class_words": "str_list",

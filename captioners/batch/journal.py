@@ -40,6 +40,12 @@ def job_key(job: BatchJob, model: str, options: dict[str, Any]) -> str:
                 "extension": job.extension, "existing": job.existing.value, "separator": job.separator,
                 "dedupe_tags": job.dedupe_tags, "shaping": job.to_dict()["shaping"], "model": model,
                 "decoding": options}
+    # Only when they are not the defaults, so that jobs from before these options keep their journal.
+    if job.join:
+        identity["join"] = True
+    judging = {k: v for k, v in job.judging.to_dict().items() if k in ("score_clip", "trim_to_budget", "on_flag")}
+    if judging != {"score_clip": None, "trim_to_budget": False, "on_flag": "keep"}:
+        identity["judging"] = judging
     return hashlib.sha256(json_bytes(identity)).hexdigest()[:16]
 
 

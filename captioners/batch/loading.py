@@ -35,15 +35,20 @@ from captioners.images import load_image
 PREFETCH_BATCHES = 2  # batches decoded ahead of the model
 
 
+Pixels = torch.Tensor | tuple[torch.Tensor, ...]  # one tensor, or one per model (several models, a scoring CLIP)
+
+
 @dataclass
 class LoadedBatch:
     indices: list[int]                 # dataset positions of the images in ``pixels``
-    pixels: torch.Tensor | None        # (B, 3, H, W); None when every image failed
+    pixels: Pixels | None              # (B, 3, H, W), or a tuple of them; None when every image failed
     failed: list[tuple[int, str]]      # (dataset position, reason)
 
     def pin_memory(self) -> "LoadedBatch":
         """Page-locked pixels copy to the GPU asynchronously (DataLoader calls this too)."""
-        if self.pixels is not None:
+        if isinstance(self.pixels, tuple):
+            self.pixels = tuple(part.pin_memory() for part in self.pixels)
+        elif self.pixels is not None:
             self.pixels = self.pixels.pin_memory()
         return self
 
@@ -58,7 +63,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
+    def __getitem__(self, index: int) -> tuple[int, Pixels | str]:
         path = self.paths[index]
         try:
             return index, self.preprocess(load_image(path, min_side=self.min_side))
@@ -70,10 +75,14 @@ class ImageDataset(torch.utils.data.Dataset):
             return index, f"preprocessing failed: {type(exc).__name__}: {exc}"
 
 
-def collate(items: list[tuple[int, torch.Tensor | str]]) -> LoadedBatch:
-    ok = [(i, x) for i, x in items if isinstance(x, torch.Tensor)]
-    failed = [(i, x) for i, x in items if not isinstance(x, torch.Tensor)]
-    pixels = torch.stack([x for _, x in ok]) if ok else None
+def collate(items: list[tuple[int, Pixels | str]]) -> LoadedBatch:
+    ok = [(i, x) for i, x in items if not isinstance(x, str)]
+    failed = [(i, x) for i, x in items if isinstance(x, str)]
+    pixels: Pixels | None = None
+    if ok and isinstance(ok[0][1], tuple):
+        pixels = tuple(torch.stack(parts) for parts in zip(*(x for _, x in ok)))
+    elif ok:
+        pixels = torch.stack([x for _, x in ok])
     return LoadedBatch([i for i, _ in ok], pixels, failed)
 
 

@@ -36,6 +36,7 @@ class Record:
     caption_file: Path
     caption: str
     new: bool  # captioned in this run (False: an existing caption that was kept)
+    judged: Any = None  # the JudgedImage of a new caption: its captions, scores, models and flags
 
 
 class CombinedOutputs:
@@ -91,15 +92,25 @@ class CombinedOutputs:
             item = {"path": str(r.image), "caption": r.caption, "caption_file": str(r.caption_file),
                     "model": self.model if r.new else None, "options": self.options if r.new else None,
                     "new": r.new}
+            if r.judged is not None:  # every caption with its score, model and flags
+                item["clip_score"] = r.judged.score
+                item["flags"] = r.judged.flag_codes
+                item["captions"] = r.judged.to_dict()["captions"]
             lines.append(json_bytes(item))  # a name with bytes that are not UTF-8 stays exact (\udcXX)
         return b"".join(line + b"\n" for line in lines)
 
     def _csv(self, records: list[Record]) -> bytes:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["path", "caption", "model"])
+        scored = any(r.judged is not None and r.judged.score is not None for r in records)
+        writer.writerow(["path", "caption", "model"] + (["clip_score", "flags"] if scored else []))
         for r in records:  # CSV has no escapes: undecodable bytes are shown as \xNN
-            writer.writerow([display_path(r.image), r.caption, self.model if r.new else ""])
+            row = [display_path(r.image), r.caption, self.model if r.new else ""]
+            if scored:
+                judged = r.judged
+                row += ["" if judged is None or judged.score is None else f"{judged.score:.4f}",
+                        " ".join(judged.flag_codes) if judged is not None else ""]
+            writer.writerow(row)
         return buffer.getvalue().encode("utf-8")
 
     def _kohya(self, records: list[Record]) -> tuple[bytes, list[str]]:
@@ -144,7 +155,8 @@ def write_output(path: Path, data: bytes, backup: bool) -> Path | None:
 
 
 # Job field -> its command-line flag, for messages.
-OUTPUT_FLAGS = {"jsonl": "--jsonl", "csv": "--csv", "kohya_json": "--kohya-json", "report": "--report"}
+OUTPUT_FLAGS = {"jsonl": "--jsonl", "csv": "--csv", "kohya_json": "--kohya-json", "report": "--report",
+                "report_html": "--report-html"}
 
 
 def check_output_paths(outputs: dict[str, str | None], plan: Discovery, folders: tuple[Path, ...] = ()) -> None:

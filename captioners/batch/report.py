@@ -8,6 +8,7 @@ from typing import Any
 
 RECENT = 8    # captions shown in Progress.recent
 PREVIEWS = 8  # first captions kept in BatchSummary.previews
+FLAGGED_SHOWN = 1000  # flagged captions listed in the summary (the HTML report and JSONL have all)
 
 
 @dataclass
@@ -42,6 +43,16 @@ class BatchSummary:
     journal: str | None = None                         # the run journal (append, prepend, overwrite)
     # Combined outputs or the report that could not be written: (path, reason). The captions are written.
     output_failures: list[tuple[str, str]] = field(default_factory=list)
+    # Quality gates (see captioners/judging): captions flagged per gate, the flagged ones (the first
+    # FLAGGED_SHOWN of flagged_total) with what was done, images not written because of on_flag skip.
+    flags: dict[str, int] = field(default_factory=dict)
+    flagged: list[dict[str, Any]] = field(default_factory=list)
+    flagged_total: int = 0
+    flag_skipped: int = 0
+    clip_score: dict[str, float] | None = None       # mean, median, min, max, count of the run's CLIPScores
+    low_score_threshold: float | None = None         # CLIPScores at or below it are flagged low_score
+    report_html: str | None = None                   # the dataset report written
+    dataset: dict[str, Any] | None = None            # its numbers (with report / report_html): see judging/dataset_report
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: tuples become [path, text] lists."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -23,11 +23,12 @@ from captioners.batch.loading import ImageDataset, LoadedBatch, iter_batches
 from captioners.batch.journal import RunJournal, journal_folder, journal_path
 from captioners.batch.outputs import CombinedOutputs, Record, check_output_paths, read_kohya_metadata, write_output
 from captioners.batch.report import PREVIEWS, RECENT, BatchSummary, Progress, Tracker
-from captioners.batch.shaping import clip_token_counter, shape_caption
 from captioners.batch.writing import (decide, has_caption, read_bytes_no_follow, read_existing,
                                       remove_stale_temp_files, write_caption)
+from captioners.batch.judged import RunJudgement
 from captioners.display import display_path, json_bytes
 from captioners.errors import CaptionerError
+from captioners.judging.judge import JudgedImage
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ def plan_job(job: BatchJob) -> Discovery:
         raise CaptionerError(f"No images found in {sources}" + ("" if job.recursive else
                              " (sub-folders are searched only with -r/--recursive; in the tab: Include "
                              "sub-folders; in the API: \"recursive\": true)"))
-    outputs = {"jsonl": job.jsonl, "csv": job.csv, "kohya_json": job.kohya_json, "report": job.report}
+    outputs = {"jsonl": job.jsonl, "csv": job.csv, "kohya_json": job.kohya_json, "report": job.report,
+               "report_html": job.report_html}
     journaled = job.existing != ExistingPolicy.SKIP and not job.dry_run
     check_output_paths(outputs, plan, folders=(journal_folder(job),) if journaled else ())
     if job.kohya_json:
@@ -53,29 +55,38 @@ def plan_job(job: BatchJob) -> Discovery:
     return plan
 
 
-def run_batch(captioner: Captioner, job: BatchJob, on_progress: Callable[[Progress], None] | None = None,
-              should_stop: Callable[[], bool] | None = None, plan: Discovery | None = None) -> BatchSummary:
-    """Caption every image of ``job``; see the module docstring and README "Batch captioning"."""
-    run = _Run(captioner, job, plan or plan_job(job), on_progress, should_stop)
+def run_batch(captioner: Captioner | Sequence[Captioner], job: BatchJob,
+              on_progress: Callable[[Progress], None] | None = None,
+              should_stop: Callable[[], bool] | None = None, plan: Discovery | None = None,
+              swap_models: bool = False) -> BatchSummary:
+    """Caption every image of ``job``; see the module docstring and README "Batch captioning".
+
+    Several captioners make candidates together (best-of-N across models); ``swap_models`` keeps
+    only the one at work on the GPU."""
+    captioners = [captioner] if isinstance(captioner, Captioner) else list(captioner)
+    run = _Run(captioners, job, plan or plan_job(job), on_progress, should_stop, swap_models)
     return run.execute()
 
 
 class _Run:
-    def __init__(self, captioner: Captioner, job: BatchJob, plan: Discovery,
-                 on_progress: Callable[[Progress], None] | None, should_stop: Callable[[], bool] | None):
-        self.captioner, self.job, self.plan = captioner, job, plan
+    def __init__(self, captioners: list[Captioner], job: BatchJob, plan: Discovery,
+                 on_progress: Callable[[Progress], None] | None, should_stop: Callable[[], bool] | None,
+                 swap_models: bool = False):
+        self.captioners, self.job, self.plan = captioners, job, plan
+        self.captioner = captioners[0]
         self.on_progress, self.should_stop = on_progress, should_stop
         self.summary = BatchSummary(total=len(plan.items) + len(plan.failed), dry_run=job.dry_run,
                                     failed=list(plan.failed))
         self.tracker = Tracker(self.summary, time.perf_counter())
-        self.options = captioner.decoding_options(job.decoding)
+        self.options = self.captioner.decoding_options(job.decoding)
+        self.model_id = ",".join(c.spec.id for c in captioners)
         self.outputs = CombinedOutputs(job.jsonl, job.csv, job.kohya_json, job.kohya_full_path,
-                                       captioner.spec.id, self.options.to_dict())
+                                       self.model_id, self.options.to_dict())
         self.journal = None
         if job.existing != ExistingPolicy.SKIP and not job.dry_run:
-            self.journal = RunJournal(journal_path(job, captioner.spec.id, self.options.to_dict()))
+            self.journal = RunJournal(journal_path(job, self.model_id, self.options.to_dict()))
             self.summary.journal = str(self.journal.path)
-        self.count_tokens: Callable[[str], int] | None = None  # made on first need (loading takes a moment)
+        self.judgement = RunJudgement(captioners, job, swap_models)
 
     def execute(self) -> BatchSummary:
         if not self.job.dry_run:
@@ -89,6 +100,7 @@ class _Run:
         finally:
             if self.journal is not None:
                 self.journal.close()
+            self.judgement.finish(self.summary, self.outputs)
             self._write_outputs()
         return self.tracker.finish()
 
@@ -121,11 +133,13 @@ class _Run:
     # ---- captioning ------------------------------------------------------------------------
     def _caption_all(self, todo: list[Planned]) -> None:
         captioner, job = self.captioner, self.job
-        if not captioner.loaded:
-            captioner.load()
+        for each in self.captioners:
+            if not each.loaded:
+                each.load()
+        judge = self.judgement.start()
         options = self.options
         min_side = captioner.image_size if job.fast_decode else None
-        dataset = ImageDataset([item.image for item in todo], captioner.preprocessor(), min_side)
+        dataset = ImageDataset([item.image for item in todo], judge.preprocessor(), min_side)
         pin = captioner.device is not None and captioner.device.type == "cuda"
         self.tracker.start_loop()
         batches = iter_batches(dataset, job.batch_size, job.workers, job.loader, pin_memory=pin)
@@ -146,21 +160,29 @@ class _Run:
             return
         try:
             with torch.inference_mode():
-                captions = self.captioner.caption_pixels(batch.pixels, options)
+                results = self.judgement.judge.judge(batch.pixels)
+        except CaptionerError:  # an option this model cannot do: every batch would fail alike
+            raise
         except Exception as exc:  # e.g. out of memory: these images fail, the run goes on
             log.warning("Captioning a batch failed: %s", exc)
             for index in batch.indices:
                 self._fail(todo[index], f"captioning failed: {type(exc).__name__}: {exc}")
             return
         self.tracker.recent = []
-        for index, caption in zip(batch.indices, captions):
-            self._finish(todo[index], caption)
+        for index, result in zip(batch.indices, results):
+            self._finish(todo[index], result)
         self.tracker.recent = self.tracker.recent[-RECENT:]
 
-    def _finish(self, item: Planned, raw: str) -> None:
-        """Shape the caption, apply the existing-caption policy and write (or, dry run, record)."""
+    def _finish(self, item: Planned, result: JudgedImage) -> None:
+        """Apply the existing-caption policy to the judged (already shaped) captions and write them
+        (or, dry run, record what would be written)."""
         job, summary = self.job, self.summary
-        text = shape_caption(raw, job.shaping)
+        self.judgement.add(item, result)
+        if result.skipped:  # on_flag skip: nothing is written for it
+            summary.flag_skipped += 1
+            self.tracker.processed += 1
+            return
+        text = self.judgement.file_text(result)
         try:
             old_bytes, old = read_existing(item.caption_file)
         except UnicodeDecodeError:
@@ -198,22 +220,18 @@ class _Run:
                 summary.backups.append(str(backup))
         summary.captioned += 1
         self.tracker.processed += 1
-        self._check_length(item, decision.text)
-        self.outputs.add(Record(item.index, item.image, item.caption_file, decision.text, new=True))
+        self._check_length(item, result)
+        self.outputs.add(Record(item.index, item.image, item.caption_file, decision.text, new=True, judged=result))
         self.tracker.recent.append((str(item.image), decision.text))
         if len(summary.previews) < PREVIEWS:
             summary.previews.append((str(item.image), decision.text))
 
-    def _check_length(self, item: Planned, text: str) -> None:
-        limit = self.job.shaping.max_tokens
-        if not limit or len(text) <= limit:  # a CLIP token holds at least one character
-            return
-        if self.count_tokens is None:
-            self.count_tokens = clip_token_counter()
-        tokens = self.count_tokens(text)
-        if tokens > limit:
-            self.summary.warnings.append((str(item.caption_file), f"caption is {tokens} CLIP tokens, more than "
-                                          f"{limit}: the text encoder truncates the rest"))
+    def _check_length(self, item: Planned, result: JudgedImage) -> None:
+        """Over-budget captions are also warnings (the gates flag them as well)."""
+        for flags in result.flags:
+            for flag in flags:
+                if flag.code in ("over_budget", "over_t5_budget"):
+                    self.summary.warnings.append((str(item.caption_file), flag.message))
 
     def _fail(self, item: Planned, reason: str) -> None:
         log.debug("Failed %s: %s", item.image, reason)
@@ -240,10 +258,11 @@ class _Run:
             summary.backups += [str(p) for p in backups]
             summary.warnings += [(str(self.outputs.kohya), w) for w in warnings]
             summary.output_failures += failures
+        self._write_html_report()
         if job.report:  # last, so that it lists what the other outputs did
             self.tracker.finish()
             path = Path(job.report).expanduser()
-            report = {"job": job.to_dict(), "model": self.captioner.spec.id, "summary": summary.to_dict()}
+            report = {"job": job.to_dict(), "model": self.model_id, "summary": summary.to_dict()}
             try:
                 backup = write_output(path, json_bytes(report, indent=2) + b"\n", job.backup)
             except OSError as exc:
@@ -251,3 +270,16 @@ class _Run:
                 return
             summary.written.append(str(path))
             summary.backups += [str(backup)] if backup else []
+
+    def _write_html_report(self) -> None:
+        if not self.job.report_html:
+            return
+        path = Path(self.job.report_html).expanduser()
+        try:
+            backup = write_output(path, self.judgement.html().encode("utf-8"), self.job.backup)
+        except OSError as exc:
+            self.summary.output_failures.append((str(path), f"cannot write it: {exc.strerror or exc}"))
+            return
+        self.summary.written.append(str(path))
+        self.summary.report_html = str(path)
+        self.summary.backups += [str(backup)] if backup else []

@@ -26,7 +26,6 @@ import contextlib
 import logging
 import re
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -34,66 +33,14 @@ from PIL import Image
 
 from captioners.base import Candidates, Captioner
 from captioners.errors import CaptionerError
-from captioners.judging.gates import Flag, GateSettings, check_caption, low_score_flag, low_score_outliers, trim_to_budget
-from captioners.judging.scoring import ScoringClip, parse_score_clip, score_groups
-from captioners.options import DecodingOptions, checked_number
+from captioners.judging.gates import Flag, check_caption, low_score_flag, low_score_outliers, trim_to_budget
+from captioners.judging.options import JudgingOptions, OnFlag
+from captioners.judging.scoring import DEFAULT_SCORE_CLIP, ScoringClip, parse_score_clip, score_groups
+from captioners.options import DecodingOptions
 
 log = logging.getLogger(__name__)
 
 TokenCounter = Callable[[str], int]
-
-
-class OnFlag(str, Enum):
-    KEEP = "keep"    # write flagged captions as they are (and list them)
-    SKIP = "skip"    # write nothing for an image whose caption is flagged
-    RETRY = "retry"  # caption it again with beam search, keep the better of the two
-
-
-@dataclass(frozen=True)
-class JudgingOptions:
-    """What to judge and what to do about it (the decoding side, N and select, is in DecodingOptions)."""
-
-    score: bool = False               # CLIPScore of every caption
-    score_clip: str | None = None     # ARCH[:WEIGHTS] of the scoring CLIP; None: the model's own, else ViT-L-14
-    max_tokens: int = 75              # CLIP token budget (over it: flagged; 0: no check)
-    t5_max_tokens: int = 0            # T5 token budget for Flux / SD3 trainers (0: no check)
-    trim_to_budget: bool = False      # cut over-budget captions at a sentence or comma boundary
-    on_flag: OnFlag = OnFlag.KEEP
-
-    def __post_init__(self) -> None:
-        for name in ("score", "trim_to_budget"):
-            if not isinstance(getattr(self, name), bool):
-                raise CaptionerError(f"{name} must be true or false (got {getattr(self, name)!r}).")
-        if self.score_clip is not None and not isinstance(self.score_clip, str):
-            raise CaptionerError(f"score_clip must be text like ViT-L-14:openai (got {self.score_clip!r}).")
-        object.__setattr__(self, "max_tokens", checked_number("max_tokens", self.max_tokens))
-        object.__setattr__(self, "t5_max_tokens", checked_number("t5_max_tokens", self.t5_max_tokens))
-        try:
-            object.__setattr__(self, "on_flag", OnFlag(self.on_flag))
-        except ValueError:
-            raise CaptionerError(f"on_flag must be one of {', '.join(m.value for m in OnFlag)} "
-                                 f"(got {self.on_flag!r}).") from None
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any] | None) -> "JudgingOptions":
-        if data is None:
-            return cls()
-        if not isinstance(data, Mapping):
-            raise CaptionerError(f"judging must be an object of options, not {data!r}.")
-        known = {"score", "score_clip", "max_tokens", "t5_max_tokens", "trim_to_budget", "on_flag"}
-        unknown = sorted(set(data) - known, key=str)
-        if unknown:
-            raise CaptionerError(f"Unknown judging option(s) {', '.join(map(str, unknown))}; "
-                                 f"known: {', '.join(sorted(known))}.")
-        return cls(**{k: v for k, v in data.items() if v is not None})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"score": self.score, "score_clip": self.score_clip, "max_tokens": self.max_tokens,
-                "t5_max_tokens": self.t5_max_tokens, "trim_to_budget": self.trim_to_budget,
-                "on_flag": self.on_flag.value}
-
-    def gate_settings(self) -> GateSettings:
-        return GateSettings(max_tokens=self.max_tokens, t5_max_tokens=self.t5_max_tokens)
 
 
 @dataclass
@@ -149,7 +96,7 @@ class Judge:
     def __init__(self, captioners: Sequence[Captioner], options: DecodingOptions | Mapping[str, Any] | None = None,
                  judging: JudgingOptions | None = None, shape: Callable[[str], str] | None = None,
                  count_tokens: TokenCounter | None = None, count_t5_tokens: TokenCounter | None = None,
-                 swap_models: bool = False):
+                 swap_models: bool = False, scorer: ScoringClip | None = None):
         if not captioners:
             raise CaptionerError("No model given.")
         self.captioners = list(captioners)
@@ -162,8 +109,10 @@ class Judge:
         self.scoring = self.judging.score or any(o.select == "clip" for o in self.options)
         self.scorer: ScoringClip | None = None
         if self.scoring and not self._reuses_model_clip():
-            spec = parse_score_clip(self.judging.score_clip) if self.judging.score_clip else None
-            self.scorer = ScoringClip(spec or parse_score_clip("ViT-L-14:openai"), self.captioners[0].models_dir)
+            spec = parse_score_clip(self.judging.score_clip or DEFAULT_SCORE_CLIP)
+            # A scoring CLIP loaded for an earlier call (the service keeps one) serves again.
+            reuse = scorer is not None and scorer.spec == spec and scorer.models_dir == self.captioners[0].models_dir
+            self.scorer = scorer if reuse else ScoringClip(spec, self.captioners[0].models_dir)
 
     # ---- set-up -----------------------------------------------------------------------------
     def _reuses_model_clip(self) -> bool:
@@ -195,12 +144,13 @@ class Judge:
         return [captioner.spec.id for captioner in self.captioners]
 
     # ---- judging ----------------------------------------------------------------------------
-    def judge_images(self, images: Sequence[Image.Image]) -> list[JudgedImage]:
-        """Judge PIL images (decoded, any mode): preprocessed here, in one batch."""
-        from captioners.images import to_rgb
+    def judge_images(self, images: Sequence[Any]) -> list[JudgedImage]:
+        """Judge PIL images (any mode) or encoded ones in one batch; each is decoded and preprocessed in
+        turn, so only one full-size image is in memory at a time."""
+        from captioners.images import EncodedImage, to_rgb
 
         preprocess = self.preprocessor()
-        items = [preprocess(to_rgb(image)) for image in images]
+        items = [preprocess(image.decode() if isinstance(image, EncodedImage) else to_rgb(image)) for image in images]
         if isinstance(items[0], tuple):
             return self.judge(tuple(torch.stack(part) for part in zip(*items)))
         return self.judge(torch.stack(items))

@@ -11,7 +11,7 @@ import gradio as gr
 from captioners.errors import CaptionerError
 from captioners.service import BatchHandle, CaptionService
 from captioners.ui import render
-from captioners.ui.controls import DecodingControls, decoding_mapping
+from captioners.ui.controls import DecodingControls, JudgingControls, decoding_mapping, judging_mapping
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +24,22 @@ def words(text: str | None) -> list[str]:
     return [w.strip() for w in (text or "").replace("\n", ",").split(",") if w.strip()]
 
 
+JUDGING_FIELDS = 6  # JudgingControls.components
+
+
 def job_mapping(inputs: str, recursive: bool, output_dir: str, extension: str, existing: str, backup: bool,
                 batch_size: float, dry_run: bool, prefix: str, suffix: str, trigger: str, trigger_mode: str,
-                class_words: str, exclude: str, lowercase: bool, strip_period: bool, *decoding: Any
-                ) -> dict[str, Any]:
-    """The tab's fields as a ``BatchJob.from_mapping`` mapping (unset text options left out)."""
+                class_words: str, exclude: str, lowercase: bool, strip_period: bool, join: bool = False,
+                report_html: str = "", *rest: Any) -> dict[str, Any]:
+    """The tab's fields as a ``BatchJob.from_mapping`` mapping (unset text options left out); ``rest``:
+    the judging controls' values, then the decoding ones."""
+    judging, decoding = rest[:JUDGING_FIELDS], rest[JUDGING_FIELDS:]
+    judged = judging_mapping(*judging) if judging else {}
+    max_tokens = judged.pop("max_tokens", 75)
     shaping: dict[str, Any] = {"prefix": prefix or "", "suffix": suffix or "", "trigger": (trigger or "").strip(),
                                "trigger_mode": trigger_mode or "prepend", "class_words": words(class_words),
                                "exclude": words(exclude), "lowercase": bool(lowercase),
-                               "strip_period": bool(strip_period)}
+                               "strip_period": bool(strip_period), "max_tokens": max_tokens}
     return {
         "inputs": [line.strip() for line in (inputs or "").splitlines() if line.strip()],
         "recursive": bool(recursive),
@@ -44,19 +51,22 @@ def job_mapping(inputs: str, recursive: bool, output_dir: str, extension: str, e
         "dry_run": bool(dry_run),
         "shaping": shaping,
         "decoding": decoding_mapping(*decoding),
+        "judging": judged,
+        "join": bool(join),
+        "report_html": (report_html or "").strip() or None,
     }
 
 
-def batch_updates(handle: BatchHandle | None, model: str, message: str = "") -> tuple[str, str, str, str]:
-    """(progress, captions so far / first captions, failures, summary) for the page."""
+def batch_updates(handle: BatchHandle | None, model: str, message: str = "") -> tuple[str, str, str, str, str]:
+    """(progress, captions so far / first captions, failures, summary, report) for the page."""
     if handle is None:
-        return render.error_html(message), "", "", ""
+        return render.error_html(message), "", "", "", ""
     if not handle.done.is_set():
         recent = list(getattr(handle.progress, "recent", None) or [])
         return (render.progress_line(handle.progress, model),
-                render.pairs_table(recent, ("image", "caption"), "No caption yet."), "", "")
+                render.pairs_table(recent, ("image", "caption"), "No caption yet."), "", "", "")
     if handle.error is not None:
-        return render.progress_line(handle.progress, model), "", "", render.error_html(str(handle.error))
+        return render.progress_line(handle.progress, model), "", "", render.error_html(str(handle.error)), ""
     summary = handle.summary
     if getattr(summary, "dry_run", False):
         changes = [(c.get("caption_file"), f"{c.get('action')}: {c.get('new')}") for c in summary.changes]
@@ -65,13 +75,13 @@ def batch_updates(handle: BatchHandle | None, model: str, message: str = "") -> 
         written = render.pairs_table(getattr(summary, "previews", []), ("image", "caption"), "No caption written.")
     return (render.progress_line(handle.progress, model), written,
             render.pairs_table(getattr(summary, "failed", []), ("image", "reason"), "No failures."),
-            render.summary_html(summary, model))
+            render.summary_html(summary, model), render.dataset_html(summary))
 
 
 def start_batch(service: CaptionService, model_label: str | None, *fields: Any) -> Iterator[tuple[Any, ...]]:
     """Run a batch in the background and stream its progress until it ends.
 
-    Yields (progress, captions, failures, summary, notice); the notice line (where Interrupt
+    Yields (progress, captions, failures, summary, report, notice); the notice line (where Interrupt
     answers) is cleared once at the start and otherwise left to the Interrupt button.
     """
     model = render.model_id(model_label)
@@ -132,6 +142,13 @@ def batch_section(service: CaptionService, labels: list[str], default: str | Non
             dropdown = model_row(service, labels, default, "captioners_batch_model")
             with gr.Accordion("Decoding options", open=False, elem_id="captioners_batch_decoding"):
                 decoding = DecodingControls("captioners_batch")
+            with gr.Accordion("Scores, quality gates and report", open=False, elem_id="captioners_batch_judging"):
+                judging = JudgingControls("captioners_batch")
+                with gr.Row():
+                    join = gr.Checkbox(label="Several captions: one line, joined by \", \" (default: one per line)",
+                                       elem_id="captioners_batch_join")
+                    report_html = gr.Textbox(label="Dataset report file (.html; empty: none)",
+                                             elem_id="captioners_batch_report_html")
             with gr.Row():
                 start = gr.Button("Start", variant="primary", elem_id="captioners_batch_start")
                 stop = gr.Button("Interrupt", variant="stop", elem_id="captioners_batch_interrupt")
@@ -141,10 +158,12 @@ def batch_section(service: CaptionService, labels: list[str], default: str | Non
             summary = gr.HTML(elem_id="captioners_batch_summary")
             previews = gr.HTML(elem_id="captioners_batch_previews")
             failures = gr.HTML(elem_id="captioners_batch_failures")
+            report = gr.HTML(elem_id="captioners_batch_report")
     fields = [inputs, recursive, output_dir, extension, existing, backup, batch_size, dry_run, prefix, suffix, trigger,
-              trigger_mode, class_words, exclude, lowercase, strip_period, *decoding.components]
+              trigger_mode, class_words, exclude, lowercase, strip_period, join, report_html, *judging.components,
+              *decoding.components]
     start.click(partial(start_batch, service), inputs=[dropdown, *fields],
-                outputs=[progress, previews, failures, summary, notice])
+                outputs=[progress, previews, failures, summary, report, notice])
     # Not queued: it must get through while the batch's own event holds the queue.
     stop.click(partial(interrupt_batch, service), outputs=[notice], queue=False)
     return dropdown

@@ -90,17 +90,27 @@ class DecodingControls:
             self.prompt = gr.Textbox(label="Prompt the caption continues, for prompted models (empty: default)")
             self.keep_prompt = gr.Radio([DEFAULT, "keep", "drop"], value=DEFAULT, label="Prompt in the caption")
             self.raw = gr.Checkbox(value=False, label="Raw caption (skip the model's clean-up)")
+        with gr.Row():
+            self.captions_per_image = gr.Slider(0, 10, value=0, step=1, label="Captions per image (0: one)",
+                                                elem_id=f"{prefix}_captions_per_image")
+            self.candidates = gr.Radio([DEFAULT, "beam", "sample"], value=DEFAULT, label="Candidates made by",
+                                       elem_id=f"{prefix}_candidates")
+            self.select = gr.Radio(["model", "clip"], value="model", label="Rank candidates by (clip: best-of-N)",
+                                   elem_id=f"{prefix}_select")
+            self.guidance = gr.Slider(0, 5, value=0, step=0.1, label="Specificity guidance (CLIP-prefix; 0: none)",
+                                      elem_id=f"{prefix}_guidance")
 
     @property
     def components(self) -> list[Any]:
         return [self.strategy, self.seed, self.num_beams, self.max_new_tokens, self.min_new_tokens, self.temperature,
                 self.top_p, self.top_k, self.repetition_penalty, self.num_candidates, self.prompt, self.keep_prompt,
-                self.raw]
+                self.raw, self.captions_per_image, self.candidates, self.select, self.guidance]
 
 
 def decoding_mapping(strategy=None, seed=None, num_beams=None, max_new_tokens=None, min_new_tokens=None,
                      temperature=None, top_p=None, top_k=None, repetition_penalty=None, num_candidates=None,
-                     prompt=None, keep_prompt=None, raw=None) -> dict[str, Any]:
+                     prompt=None, keep_prompt=None, raw=None, captions_per_image=None, candidates=None, select=None,
+                     guidance=None) -> dict[str, Any]:
     """The values of :class:`DecodingControls` as a DecodingOptions mapping, unset fields left out."""
     def positive_int(value):
         return int(value) if value and value > 0 else None
@@ -122,5 +132,40 @@ def decoding_mapping(strategy=None, seed=None, num_beams=None, max_new_tokens=No
         "prompt": prompt or None,
         "keep_prompt": {"keep": True, "drop": False}.get(keep_prompt),
         "postprocess": False if raw else None,
+        "captions_per_image": positive_int(captions_per_image),
+        "candidates": None if candidates in (None, DEFAULT) else candidates,
+        "select": "clip" if select == "clip" else None,
+        "guidance": positive_float(guidance),
     }
     return {k: v for k, v in values.items() if v is not None}
+
+
+# ---- judging ---------------------------------------------------------------------------------------
+class JudgingControls:
+    """CLIPScore and the quality gates (captioners.judging.options.JudgingOptions)."""
+
+    def __init__(self, prefix: str, budget: bool = True):
+        with gr.Row():
+            self.score = gr.Checkbox(value=False, label="CLIPScore every caption", elem_id=f"{prefix}_score")
+            self.score_clip = gr.Textbox(label="Scoring CLIP, ARCH[:WEIGHTS] (empty: the model's own, else "
+                                               "ViT-L-14:openai)", elem_id=f"{prefix}_score_clip")
+            self.on_flag = gr.Radio(["keep", "skip", "retry"], value="keep", label="Flagged captions",
+                                    elem_id=f"{prefix}_on_flag")
+        with gr.Row():
+            self.max_tokens = gr.Slider(0, 300, value=75, step=1, label="CLIP token budget (0: no check)",
+                                        elem_id=f"{prefix}_max_tokens", visible=budget)
+            self.t5_max_tokens = gr.Slider(0, 1024, value=0, step=1, label="T5 token budget (Flux/SD3; 0: off)",
+                                           elem_id=f"{prefix}_t5_max_tokens")
+            self.trim = gr.Checkbox(value=False, label="Trim to the budget (at a sentence or comma)",
+                                    elem_id=f"{prefix}_trim")
+
+    @property
+    def components(self) -> list[Any]:
+        return [self.score, self.score_clip, self.on_flag, self.max_tokens, self.t5_max_tokens, self.trim]
+
+
+def judging_mapping(score=False, score_clip=None, on_flag="keep", max_tokens=75, t5_max_tokens=0,
+                    trim=False) -> dict[str, Any]:
+    """The values of :class:`JudgingControls` as a JudgingOptions mapping."""
+    return {"score": bool(score), "score_clip": (score_clip or "").strip() or None, "on_flag": on_flag or "keep",
+            "max_tokens": int(max_tokens or 0), "t5_max_tokens": int(t5_max_tokens or 0), "trim_to_budget": bool(trim)}

@@ -5,6 +5,7 @@ Everything user-controlled (paths, captions, error messages) is escaped.
 
 from __future__ import annotations
 
+import html
 from html import escape
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -97,3 +98,49 @@ def summary_html(summary: Any, model: str = "") -> str:
 
 def error_html(message: str) -> str:
     return f"<p class='captioners-error'>⚠️ {escape(message)}</p>"
+
+
+def judged_table(result: Any) -> str:
+    """An image's captions with their CLIPScore, model and flags (empty when there is nothing to add)."""
+    if len(result.captions) <= 1 and result.score is None and not result.flag_codes:
+        return ""
+    rows = []
+    for text, score, model, flags in zip(result.captions, result.scores, result.models, result.flags):
+        shown = "" if score is None else f"{score:.3f}"
+        rows.append(f"<tr><td>{html.escape(text)}</td><td>{shown}</td><td>{html.escape(model)}</td>"
+                    f"<td>{html.escape('; '.join(flag.message for flag in flags))}</td></tr>")
+    return ("<table class='captioners-table'><tr><th>caption</th><th>CLIPScore</th><th>model</th><th>flags</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+def dataset_html(summary: Any) -> str:
+    """The Batch tab's Report section: the caption-length plot, CLIPScores, gate counts, flagged captions."""
+    import base64
+
+    numbers = getattr(summary, "dataset", None)
+    flagged = getattr(summary, "flagged", None) or []
+    if not numbers and not flagged:
+        return ""
+    parts = ["<h3>Report</h3>"]
+    if numbers:
+        from captioners.judging.dataset_report import plot_pngs
+
+        for name, png in plot_pngs(numbers).items():
+            parts.append(f"<img alt='{name}' style='max-width:100%' src='data:image/png;base64,"
+                         f"{base64.b64encode(png).decode('ascii')}'>")
+        tokens = numbers.get("tokens") or {}
+        if tokens.get("count"):
+            parts.append(f"<p>Caption length: mean {tokens['mean']} CLIP tokens, max {tokens['max']}, "
+                         f"{tokens['over_75']} over 75.</p>")
+    score = getattr(summary, "clip_score", None)
+    if score:
+        parts.append(f"<p>CLIPScore: mean {score['mean']:.3f}, median {score['median']:.3f}, "
+                     f"min {score['min']:.3f}, max {score['max']:.3f}.</p>")
+    counts = {code: count for code, count in (getattr(summary, "flags", None) or {}).items() if count}
+    if counts:
+        parts.append("<p>Flagged: " + html.escape(", ".join(f"{code} {count}" for code, count in counts.items()))
+                     + "</p>")
+    pairs = [(entry["image"], f"{'; '.join(entry['messages'])} [{entry['action']}]: {entry['caption']}")
+             for entry in flagged]
+    parts.append(pairs_table(pairs, ("image", "flags: caption"), "No caption flagged."))
+    return "".join(parts)

@@ -19,11 +19,13 @@ from captioners.service import CaptionService
 from captioners.ui import render
 from captioners.ui.batch_tab import batch_section
 from captioners.ui.compat import blocks_kwargs, image_sources, show_progress
-from captioners.ui.controls import DecodingControls, decoding_mapping, model_choices, model_dropdown, model_row, \
-    refresh_models, user_error
+from captioners.ui.controls import DecodingControls, JudgingControls, decoding_mapping, judging_mapping, model_choices, \
+    model_dropdown, model_row, refresh_models, user_error
 from captioners.ui.local_paths import local_paths_section
 
 log = logging.getLogger(__name__)
+
+JUDGING_FIELDS = 6  # JudgingControls.components, before the decoding ones in caption_image's inputs
 
 
 class TabHooks:
@@ -34,19 +36,27 @@ class TabHooks:
 
 
 # ---- handlers (plain functions: the tests call them directly) -------------------------------------
-def caption_image(service: CaptionService, image: Any, model_label: str | None, *decoding: Any) -> tuple[Any, str]:
-    """Caption button: (caption, status line). A user error goes to the status line, and the caption
-    being edited stays as it is."""
+def caption_image(service: CaptionService, image: Any, model_label: str | None, *fields: Any
+                  ) -> tuple[Any, str, str]:
+    """Caption button: (caption, status line, judgement table). A user error goes to the status line,
+    and the caption being edited stays as it is. ``fields``: the judging controls, then the decoding ones."""
     if image is None:
-        return gr.update(), "Upload an image first."
+        return gr.update(), "Upload an image first.", ""
     started = time.perf_counter()
+    judging, decoding = fields[:JUDGING_FIELDS], fields[JUDGING_FIELDS:]
     try:
-        model, captions = service.caption([image], render.model_id(model_label), decoding_mapping(*decoding))
+        models, results = service.judge([image], render.model_id(model_label), decoding_mapping(*decoding),
+                                        judging_mapping(*judging))
     except CaptionerError as exc:
-        return gr.update(), f"Error: {exc}"
+        return gr.update(), f"Error: {exc}", ""
     except BaseException as exc:
         raise user_error(exc) from None
-    return captions[0], f"{model} · {time.perf_counter() - started:.2f} s"
+    result = results[0]
+    score = f" · CLIPScore {result.score:.3f}" if result.score is not None else ""
+    flags = f" · flagged: {', '.join(result.flag_codes)}" if result.flag_codes else ""
+    text = "\n".join(result.captions) if len(result.captions) > 1 else result.caption
+    return (text, f"{','.join(models)} · {time.perf_counter() - started:.2f} s{score}{flags}",
+            render.judged_table(result))
 
 
 def download_model(service: CaptionService, model_label: str | None) -> Iterator[str]:
@@ -103,13 +113,16 @@ def _caption_section(service: CaptionService, hooks: TabHooks, labels: list[str]
             dropdown = model_row(service, labels, default, "captioners_model")
             with gr.Accordion("Decoding options", open=False, elem_id="captioners_decoding"):
                 decoding = DecodingControls("captioners")
+            with gr.Accordion("Scores and quality gates", open=False, elem_id="captioners_judging"):
+                judging = JudgingControls("captioners")
             button = gr.Button("Caption", variant="primary", elem_id="captioners_caption_button")
         with gr.Column():
             caption = gr.Textbox(label="Caption (editable)", lines=4, interactive=True, elem_id="captioners_caption")
             status = gr.Textbox(label="Status", interactive=False, elem_id="captioners_status")
+            judged = gr.HTML(elem_id="captioners_judged")
             hooks.send_buttons(image, caption)
-    button.click(partial(caption_image, service), inputs=[image, dropdown, *decoding.components],
-                 outputs=[caption, status])
+    button.click(partial(caption_image, service), inputs=[image, dropdown, *judging.components, *decoding.components],
+                 outputs=[caption, status, judged])
     return dropdown
 
 
