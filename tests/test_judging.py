@@ -321,3 +321,57 @@ def test_bad_judging_options_are_one_line_errors():
                 {"captions_per_image": 33}):
         with pytest.raises(CaptionerError):
             DecodingOptions.from_mapping(bad)
+
+
+# ---- the T5 budget -------------------------------------------------------------------------------
+def word_level_tokenizer_json(path):
+    """A T5-like tokenizer.json: one token per known word, the rest one unknown token each."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "a", "dog", "runs", "on", "the", "grass", "."]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path))
+    return path
+
+
+def test_t5_budget_counts_with_the_t5_tokenizer(models_dir, icg_checkpoint, load_tiny, images, monkeypatch):
+    from captioners.errors import MissingWeightsError
+    from captioners.judging.budgets import t5_token_counter
+
+    with pytest.raises(MissingWeightsError) as info:
+        t5_token_counter(models_dir)
+    assert "google-t5/t5-base" in str(info.value) and str(models_dir / "t5-tokenizer") in str(info.value)
+    word_level_tokenizer_json(models_dir / "t5-tokenizer" / "tokenizer.json")
+    count = t5_token_counter(models_dir)
+    assert count("a dog runs on the grass .") == 7 and count("zebra quagga") == 2
+
+    captioner = load_tiny(icg_checkpoint.path)
+    from captioners.base import Candidates
+
+    monkeypatch.setattr(captioner, "caption_candidates", lambda pixels, options: Candidates(
+        [["a dog runs on the grass ."] for _ in range(len(pixels))]))
+    judging = JudgingOptions(max_tokens=0, t5_max_tokens=6)
+    flagged = Judge([captioner], {}, judging, count_t5_tokens=count).judge_images(images[:1])[0]
+    assert flagged.flag_codes == ["over_t5_budget"] and "7 T5 tokens" in flagged.flags[0][0].message
+    fits = Judge([captioner], {}, JudgingOptions(max_tokens=0, t5_max_tokens=7), count_t5_tokens=count)
+    assert fits.judge_images(images[:1])[0].flag_codes == []
+
+
+def test_the_t5_tokenizer_downloads_through_the_hub_code(tmp_path, icg_checkpoint, scoring_clip, tokenizer_dir,
+                                                          photos):
+    from tests.batch_helpers import model_args
+    from tests.fake_hub import FakeHub
+    from tests.test_weights import run
+
+    models_dir = tmp_path / "models"
+    source = word_level_tokenizer_json(tmp_path / "served" / "tokenizer.json")
+    with FakeHub() as hub:
+        hub.add("google-t5/t5-base", "tokenizer.json", source)
+        args = model_args(icg_checkpoint.path, scoring_clip, tokenizer_dir, models_dir)
+        result = run("", hub.endpoint, models_dir, "-m", "captioners", "caption", str(photos[0]), *args,
+                     "--t5-max-tokens", "1", "--max-new-tokens", "10", "--quiet")
+        assert result.returncode == 0, result.stderr
+        assert (models_dir / "t5-tokenizer" / "tokenizer.json").read_bytes() == source.read_bytes()
+        assert "over_t5_budget" in result.stderr

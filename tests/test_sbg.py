@@ -265,3 +265,22 @@ def test_sbg_is_listed_and_runs_from_the_command_line(sbg, sbg_files, photos, tm
     captions = [line.split("\t")[1] for line in capsys.readouterr().out.strip().splitlines()]
     images = [Image.open(p).convert("RGB") for p in photos[:2]]
     assert captions == [" ".join(c.splitlines()) for c in sbg.caption(images, {"seed": SEED})]
+
+
+def test_several_captions_are_its_guesses_in_clip_order(sbg, reference, sbg_images):
+    """Candidates are the pool of guesses (num_candidates, 5 in the preset) in the order the original's
+    'validation' ranks them; the Judge keeps the first captions_per_image."""
+    ref, _, gpt, tokenizer = reference
+    results = sbg.caption_candidates(torch.stack([sbg.preprocessor()(i) for i in sbg_images[:2]]),
+                                     sbg.decoding_options({"seed": SEED, "captions_per_image": 3}))
+    for image, got in zip(sbg_images[:2], results.texts):
+        embedding = reference_embedding(reference, image)
+        prompt = ", ".join(ref.keywords(embedding)) + " ###"
+        guesses = [parse(sample_seeded(gpt, tokenizer, prompt, SEED, j)) for j in range(5)]
+        probs = ref.prob_dict(embedding, guesses)
+        expected = sorted(probs, key=lambda text: probs[text], reverse=True)
+        assert got == expected and got[0] == ref.choose(embedding, guesses)
+    assert results.image_features is not None  # CLIPScore reuses SBG's own image embedding
+    with pytest.raises(Exception, match="sample"):
+        sbg.caption_candidates(torch.stack([sbg.preprocessor()(sbg_images[0])]),
+                               sbg.decoding_options({"captions_per_image": 2, "candidates": "beam"}))
