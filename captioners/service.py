@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
@@ -53,6 +53,7 @@ class Settings:
     decoding: DecodingOptions = field(default_factory=DecodingOptions)
     max_image_mpixels: float = MAX_IMAGE_MPIXELS      # encoded images (the API): per image
     max_request_mpixels: float = MAX_REQUEST_MPIXELS  # and all images of one request together
+    score_clip: str | None = None   # CLIP scoring captions of models without their own (None: ViT-L-14:openai)
 
 
 class Host:
@@ -174,7 +175,8 @@ class CaptionService:
             raise CaptionerError("No image given.")
         settings = self.settings()
         check_pixel_limits(images, settings)
-        judging = judging if isinstance(judging, JudgingOptions) else JudgingOptions.from_mapping(judging)
+        judging = _with_default_score_clip(
+            judging if isinstance(judging, JudgingOptions) else JudgingOptions.from_mapping(judging), settings)
         specs = [self.spec(m) for m in _model_list(model)]
         decoding = _as_options(options).merged(settings.decoding)
         device = self.host.device(settings.device)
@@ -211,6 +213,7 @@ class CaptionService:
         settings = self.settings()
         specs = [self.spec(m) for m in _model_list(model)]
         job = _with_default_decoding(job, settings.decoding)
+        job = replace(job, judging=_with_default_score_clip(job.judging, settings))
         plan = plan_job(job)  # bad inputs and outputs are refused before the model loads
         device = self.host.device(settings.device)
         stop = stop or threading.Event()
@@ -395,6 +398,14 @@ def check_pixel_limits(images: Sequence[Any], settings: Settings) -> None:
 def _millions(pixels: int) -> str:
     """Enough digits that a count just above a limit never reads as the limit itself."""
     return f"{pixels / 1e6:.4g}"
+
+
+def _with_default_score_clip(judging: Any, settings: Settings) -> Any:
+    """The Settings' scoring CLIP, for models without their own, when the request names none. The
+    models' own CLIP still scores when they have one: only a CLIP named in the request overrides it."""
+    if judging.score_clip or not settings.score_clip:
+        return judging
+    return replace(judging, fallback_score_clip=settings.score_clip)
 
 
 def _model_list(model: str | Sequence[str] | None) -> list[str | None]:

@@ -363,3 +363,21 @@ def test_fusecap_scores_with_a_named_clip(blip_dirs, blip_images, models_dir, ti
             words = clip.model.encode_text(clip.tokenizer(result.captions)).float()
         cosine = (words / words.norm(dim=-1, keepdim=True)) @ (picture / picture.norm(dim=-1, keepdim=True))[0]
         assert result.scores == pytest.approx([2.5 * max(float(c), 0.0) for c in cosine], abs=2e-4)
+
+
+def test_the_settings_scoring_clip_serves_models_without_their_own(blip_dirs, models_dir, tiny_clip):
+    from captioners.judging.judge import Judge
+    from captioners.judging.options import JudgingOptions
+    from captioners.service import Settings, _with_default_score_clip
+
+    _, weights = tiny_clip
+    settings = Settings(models_dir=models_dir, model="fusecap", score_clip=f"tiny-test-clip:{weights}")
+    judging = _with_default_score_clip(JudgingOptions(score=True), settings)
+    assert judging.fallback_score_clip == settings.score_clip and judging.score_clip is None
+    named = _with_default_score_clip(JudgingOptions(score=True, score_clip="ViT-B-32"), settings)
+    assert named.fallback_score_clip is None  # a request's own choice wins
+    captioner = load_fusecap(blip_dirs["safetensors"], models_dir)
+    judge = Judge([captioner], {}, judging)
+    assert judge.scorer.spec.arch == "tiny-test-clip" and judge.scorer.spec.weights == str(weights)
+    with pytest.raises(Exception, match="Unknown judging option"):
+        JudgingOptions.from_mapping({"fallback_score_clip": "ViT-B-32"})

@@ -109,7 +109,7 @@ class Judge:
         self.scoring = self.judging.score or any(o.select == "clip" for o in self.options)
         self.scorer: ScoringClip | None = None
         if self.scoring and not self._reuses_model_clip():
-            spec = parse_score_clip(self.judging.score_clip or DEFAULT_SCORE_CLIP)
+            spec = parse_score_clip(self.judging.score_clip or self.judging.fallback_score_clip or DEFAULT_SCORE_CLIP)
             # A scoring CLIP loaded for an earlier call (the service keeps one) serves again.
             reuse = scorer is not None and scorer.spec == spec and scorer.models_dir == self.captioners[0].models_dir
             self.scorer = scorer if reuse else ScoringClip(spec, self.captioners[0].models_dir)

@@ -30,6 +30,9 @@ class JudgingOptions:
     t5_max_tokens: int = 0            # T5 token budget for Flux / SD3 trainers (0: no check)
     trim_to_budget: bool = False      # cut over-budget captions at a sentence or comma boundary
     on_flag: OnFlag = OnFlag.KEEP
+    # The host's default scoring CLIP (WebUI Settings), for models without their own CLIP; never
+    # taken from a request (score_clip is), so it does not replace a model's own CLIP.
+    fallback_score_clip: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("score", "trim_to_budget"):

@@ -72,6 +72,9 @@ def options(shared: Any, model_ids: Callable[[], list[str]]) -> dict[str, Any]:
         "captioners_top_p": info(0.0, "Default top-p (0: the model's)", slider,
                                  {"minimum": 0.0, "maximum": 1.0, "step": 0.01}),
         "captioners_seed": info(-1, "Default seed for sampling (-1: none)", gr.Number, {"precision": 0}),
+        "captioners_score_clip": info(
+            "ViT-L-14:openai", "CLIP that scores captions of models without their own CLIP (FuseCap)",
+        ).info("ARCH:WEIGHTS as open_clip names them; CLIP-prefix and SBG score with their own CLIP"),
         "captioners_max_image_mpixels": info(
             MAX_IMAGE_MPIXELS, "API: largest image, in million pixels", gr.Number, DECIMAL,
         ).info("bigger images are refused (HTTP 413) before they are decoded"),
@@ -121,6 +124,7 @@ def read(opts: Any, models_path: str) -> Settings:
         decoding=decoding,
         max_image_mpixels=positive("captioners_max_image_mpixels", MAX_IMAGE_MPIXELS),
         max_request_mpixels=positive("captioners_max_request_mpixels", MAX_REQUEST_MPIXELS),
+        score_clip=(getattr(opts, "captioners_score_clip", "") or "").strip() or None,
     )
 
 
