@@ -16,7 +16,8 @@ Three ratios, side by side in one run, each against the goal set for it:
 
 Full-size models with random weights (GPT-2 small + ICG MLP mapper, open_clip ViT-L-14 with
 QuickGELU), built in memory, no download. As in bench_clip_prefix.py the '.' embedding is scaled
-(--stop-scale) so captions end at mixed lengths. There is no GPT-2 tokenizer offline, so caption
+(--stop-scale 32); but from the random CLIP's image embeddings (not bench_clip_prefix's random unit
+vectors) the greedy captions are only 1-3 tokens, hence the fixed-length guidance row. There is no GPT-2 tokenizer offline, so caption
 texts come from a stand-in detokenizer that keeps their length: token id t becomes the word
 ``WORDS[t % len(WORDS)]`` of ~200 common English words, so a 12-token caption is a 12-word text
 (open_clip pads every text to 77 tokens anyway, so text length barely changes the text encode).

@@ -375,3 +375,17 @@ def test_the_t5_tokenizer_downloads_through_the_hub_code(tmp_path, icg_checkpoin
         assert result.returncode == 0, result.stderr
         assert (models_dir / "t5-tokenizer" / "tokenizer.json").read_bytes() == source.read_bytes()
         assert "over_t5_budget" in result.stderr
+
+
+def test_with_several_models_on_a_gpu_only_the_one_at_work_is_there(icg_checkpoint, second_checkpoint, load_tiny,
+                                                                    images, monkeypatch):
+    first, second = load_tiny(icg_checkpoint.path), load_tiny(second_checkpoint.path)
+    moves = []
+    for captioner in (first, second):  # stand-ins for models on cuda: record the moves, keep the weights
+        monkeypatch.setattr(captioner, "device", torch.device("cuda"))
+        monkeypatch.setattr(captioner, "to", lambda device, c=captioner: moves.append((c.spec.id, str(device))) or c)
+    judge = Judge([first, second], SHORT, swap_models=True)
+    judge.judge_images(images[:1])
+    judge.judge_images(images[:1])
+    a, b = first.spec.id, second.spec.id
+    assert moves == [(a, "cuda"), (a, "cpu"), (b, "cuda"), (b, "cpu")] * 2

@@ -106,6 +106,7 @@ class Judge:
         self.count_tokens = count_tokens
         self.count_t5_tokens = count_t5_tokens
         self.swap_models = swap_models and len(self.captioners) > 1
+        self.homes = [captioner.device for captioner in self.captioners]  # where each works (swap_models)
         self.scoring = self.judging.score or any(o.select == "clip" for o in self.options)
         self.scorer: ScoringClip | None = None
         if self.scoring and not self._reuses_model_clip():
@@ -122,9 +123,6 @@ class Judge:
             return False
         specs = [getattr(getattr(c, "clip", None), "spec", None) for c in self.captioners]
         return all(spec is not None for spec in specs) and len(set(specs)) == 1
-
-    def scorer_assets(self) -> list[Any]:
-        return self.scorer.assets() if self.scorer else []
 
     def load(self, device: torch.device, dtype: torch.dtype) -> "Judge":
         """Load the scoring CLIP (the captioners are loaded by their owner)."""
@@ -161,7 +159,7 @@ class Judge:
         count = slots[0].shape[0]
         pools: list[list[_Candidate]] = [[] for _ in range(count)]
         for index, captioner in enumerate(self.captioners):
-            with self._on_device(captioner):
+            with self._on_device(index):
                 made = captioner.caption_candidates(slots[index], self.options[index])
             self._add(pools, made, captioner.spec.id)
         if self.scorer is not None:
@@ -230,7 +228,7 @@ class Judge:
         retry_options = options.replace(strategy="beam", candidates=None, captions_per_image=None, select=None)
         index = torch.tensor(flagged)
         try:
-            with self._on_device(captioner):
+            with self._on_device(0):
                 made = captioner.caption_candidates(slots[0].index_select(0, index), retry_options)
         except CaptionerError as exc:  # e.g. SBG, which only samples: the first captions stay
             log.info("Retrying flagged captions with beam search is not possible with %s: %s", captioner.spec.id, exc)
@@ -251,18 +249,17 @@ class Judge:
             result.retried = True
 
     @contextlib.contextmanager
-    def _on_device(self, captioner: Captioner) -> Iterator[None]:
-        """With several models on a GPU, only the one at work stays there (unless Settings keep them)."""
-        if not self.swap_models or captioner.device is None:
+    def _on_device(self, index: int) -> Iterator[None]:
+        """With several models on a GPU, only the one at work is there; the others wait in CPU memory."""
+        captioner, home = self.captioners[index], self.homes[index]
+        if not self.swap_models or home is None or home.type == "cpu":
             yield
             return
-        device = getattr(captioner, "home_device", None) or captioner.device
-        captioner.to(device)
+        captioner.to(home)
         try:
             yield
         finally:
-            if device.type != "cpu":
-                captioner.to("cpu")
+            captioner.to("cpu")
 
     def unload(self) -> None:
         if self.scorer is not None:
