@@ -65,12 +65,17 @@ class PrefixRows:
         self.rows = 0
 
     def start(self, prefix: torch.Tensor) -> torch.Tensor:
-        self.rows = prefix.shape[0]
-        if self.guidance:
-            null = self.null_prefix.to(prefix.device, prefix.dtype).expand(self.rows, *prefix.shape[1:])
-            prefix = torch.cat((prefix, null))
-        logits, self.past = _step(self.gpt, None, inputs_embeds=prefix)
-        return self._combined(logits)
+        rows = self.rows = prefix.shape[0]
+        if not self.guidance:
+            logits, self.past = _step(self.gpt, None, inputs_embeds=prefix)
+            return logits
+        # The null prefix is the same for every row: run it once, then give each row its copy.
+        null = self.null_prefix.to(prefix.device, prefix.dtype)
+        logits, self.past = _step(self.gpt, None, inputs_embeds=torch.cat((prefix, null)))
+        twins = torch.cat((torch.arange(rows, device=prefix.device),
+                           torch.full((rows,), rows, dtype=torch.long, device=prefix.device)))
+        self.past = select_rows(self.past, twins)
+        return self._combined(logits[twins])
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """(rows,) new tokens -> (rows, vocab) scores of the token after them."""

@@ -122,3 +122,16 @@ def test_best_of_n_from_the_command_line(icg_checkpoint, scoring_clip, tokenizer
     records = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert {c["model"] for r in records for c in r["captions"]} <= {"a", "b"}
     assert all(image.with_suffix(".txt").is_file() for image in images)
+
+
+def test_a_rerun_that_keeps_every_caption_still_reports_the_dataset(captioner, photos, tmp_path):
+    folder = tmp_path / "set"
+    images = copy_photos(photos, folder, 3)
+    images[0].with_suffix(".txt").write_text("a dog dog dog dog dog\nsecond caption", encoding="utf-8")
+    run_batch(captioner, job(folder, decoding={"max_new_tokens": 20}))
+    html_path = tmp_path / "report.html"
+    summary = run_batch(captioner, job(folder, report_html=str(html_path), report=str(tmp_path / "r.json")))
+    assert summary.captioned == 0 and summary.skipped == 3
+    dataset = summary.dataset
+    assert dataset["images"] == 3 and dataset["captions"] == 4 and dataset["flags"]["repetition"] == 1
+    assert "Captioning report: 3 images" in html_path.read_text(encoding="utf-8")

@@ -22,7 +22,7 @@ from captioners.batch.report import FLAGGED_SHOWN, BatchSummary
 from captioners.batch.shaping import clip_token_counter, shape_caption
 from captioners.judging.dataset_report import (ReportRecord, dataset_numbers, exact_duplicate_groups,
                                                near_duplicate_pairs, render_html)
-from captioners.judging.gates import GATE_CODES, GateSettings
+from captioners.judging.gates import GATE_CODES, GateSettings, check_caption
 from captioners.judging.judge import Judge, JudgedImage, flag_low_scores
 
 log = logging.getLogger(__name__)
@@ -38,13 +38,26 @@ class RunJudgement:
         self.results: list[tuple[Planned, JudgedImage]] = []
         self.numbers: dict[str, Any] | None = None
         self.records: list[ReportRecord] = []
+        self.kept: list[tuple[Planned, str]] = []  # captions the run kept (skip policy, journal): in the report
+
+    @property
+    def wants_kept_captions(self) -> bool:
+        """The report describes the whole dataset, the captions a run keeps included."""
+        return bool(self.job.report_html or self.job.report)
+
+    def add_kept(self, item: Planned, text: str) -> None:
+        self.kept.append((item, text))
+
+    def _counter(self) -> Callable[[str], int] | None:
+        if self.count_tokens is None and (self.job.judging.max_tokens or self.wants_kept_captions):
+            self.count_tokens = clip_token_counter()
+        return self.count_tokens
 
     def start(self) -> Judge:
         """The Judge for this run's batches (the captioners are loaded)."""
         if self.judge is None:
             job = self.job
-            wants_tokens = job.judging.max_tokens or job.report_html or job.report
-            self.count_tokens = clip_token_counter() if wants_tokens else None
+            self._counter()
             count_t5 = None
             if job.judging.t5_max_tokens:
                 from captioners.judging.budgets import t5_token_counter
@@ -65,7 +78,12 @@ class RunJudgement:
 
     # ---- the end of the run -----------------------------------------------------------------
     def finish(self, summary: BatchSummary, outputs: Any) -> None:
+        if self.wants_kept_captions and (self.results or self.kept):
+            self._counter()
         if not self.results:
+            if self.wants_kept_captions and self.kept:
+                self.records = [self._kept_record(item, text) for item, text in self.kept]
+                self.numbers = summary.dataset = self._numbers(self.records)
             return
         judged = [result for _, result in self.results]
         if any(result.score is not None for result in judged):
@@ -80,11 +98,20 @@ class RunJudgement:
         summary.flagged = [_flagged_entry(item, result) for item, result in flagged[:FLAGGED_SHOWN]]
         if self.job.report_html or self.job.report:
             self.records = [self._record(item, result) for item, result in self.results]
+            self.records += [self._kept_record(item, text) for item, text in self.kept]
+            self.records.sort(key=lambda record: record.image)
             self.numbers = summary.dataset = self._numbers(self.records)
 
     def _record(self, item: Planned, result: JudgedImage) -> ReportRecord:
         tokens = self.count_tokens(result.caption) if self.count_tokens else None
         return ReportRecord(str(item.image), list(result.captions), list(result.scores), result.flag_codes, tokens)
+
+    def _kept_record(self, item: Planned, text: str) -> ReportRecord:
+        """A caption kept from before: counted and gated like new ones (one caption per line), not scored."""
+        captions = [line.strip() for line in text.splitlines() if line.strip()] or [""]
+        flags = check_caption(captions[0], self.job.judging.gate_settings(), self.count_tokens)
+        tokens = self.count_tokens(captions[0]) if self.count_tokens else None
+        return ReportRecord(str(item.image), captions, [None] * len(captions), [flag.code for flag in flags], tokens)
 
     def _numbers(self, records: list[ReportRecord]) -> dict[str, Any]:
         exact = exact_duplicate_groups(records)

@@ -123,12 +123,14 @@ class _Run:
             self.summary.resumed += 1
         else:
             self.summary.skipped += 1
-        if self.outputs.enabled:
+        if self.outputs.enabled or self.judgement.wants_kept_captions:
             try:
                 text = read_existing(item.caption_file)[1] or ""
             except (OSError, UnicodeDecodeError):
                 return
             self.outputs.add(Record(item.index, item.image, item.caption_file, text.strip(), new=False))
+            if self.judgement.wants_kept_captions:
+                self.judgement.add_kept(item, text)
 
     # ---- captioning ------------------------------------------------------------------------
     def _caption_all(self, todo: list[Planned]) -> None:

@@ -366,6 +366,9 @@ def _histogram_png(figure_class: Any, histogram: Sequence[Sequence[float]], xlab
         axes.legend(loc="upper right", fontsize="small")
     axes.set_xlabel(xlabel)
     axes.set_ylabel("captions")
+    from matplotlib.ticker import MaxNLocator
+
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no 0.2, 0.4 ... ticks
     return _figure_png(figure)
 
 

@@ -79,9 +79,10 @@ class DecodingControls:
             self.num_beams = gr.Slider(0, 16, value=0, step=1, label="Beams (0: default)")
             self.max_new_tokens = gr.Slider(0, 200, value=0, step=1, label="Max new tokens (0: default)")
             self.min_new_tokens = gr.Slider(0, 100, value=0, step=1, label="Min new tokens (0: default)")
-        with gr.Row():
+        with gr.Row():  # two per row: gradio 3/4 give a slider's number box a fixed width
             self.temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0: default)")
             self.top_p = gr.Slider(0, 1, value=0, step=0.01, label="Top-p (0: default)")
+        with gr.Row():
             self.top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0: default)")
             self.repetition_penalty = gr.Slider(0, 2, value=0, step=0.05, label="Repetition penalty (0: default)")
         with gr.Row():

@@ -93,7 +93,10 @@ def summary_html(summary: Any, model: str = "") -> str:
             + (f" with {escape(model)}" if model else "")
             + f": captioned {data.get('captioned', 0)}, skipped {data.get('skipped', 0)}, failed {len(failed)}"
             + (f", {len(written)} file(s) written" if written else "")
-            + f" in {duration(data.get('elapsed_s'))} ({rate:.2f} images/s).</div>")
+            + f" in {duration(data.get('elapsed_s'))} ({rate:.2f} images/s)."
+            + (f" Dataset report: <code>{escape(display_path(data['report_html']))}</code>."
+               if data.get("report_html") else "")
+            + "</div>")
 
 
 def error_html(message: str) -> str:
