@@ -35,6 +35,13 @@ def reference_greedy(gpt, prefix: torch.Tensor, stop_token: int, entry_length: i
 def reference_beam(gpt, prefix: torch.Tensor, stop_token: int, beam_size: int = 5, entry_length: int = 67,
                    temperature: float = 1.0) -> list[int]:
     """generate_beam: length-averaged log-prob beams; finished beams only take token 0 at no cost."""
+    return reference_beams(gpt, prefix, stop_token, beam_size, 1, entry_length, temperature)[0]
+
+
+@torch.no_grad()
+def reference_beams(gpt, prefix: torch.Tensor, stop_token: int, beam_size: int = 5, count: int = 1,
+                    entry_length: int = 67, temperature: float = 1.0) -> list[list[int]]:
+    """generate_beam's final beams, best first: the ``count`` best (its caption is the first)."""
     generated = prefix.unsqueeze(0) if prefix.dim() == 2 else prefix
     tokens = scores = None
     seq_lengths = torch.ones(beam_size)
@@ -66,6 +73,5 @@ def reference_beam(gpt, prefix: torch.Tensor, stop_token: int, beam_size: int = 
         is_stopped = is_stopped | next_tokens.eq(stop_token).squeeze(1)
         if is_stopped.all():
             break
-    scores = scores / seq_lengths
-    best = int(scores.argsort(descending=True)[0])
-    return tokens[best, : int(seq_lengths[best])].tolist()
+    order = (scores / seq_lengths).argsort(descending=True)[:count].tolist()
+    return [tokens[i, : int(seq_lengths[i])].tolist() for i in order]

@@ -41,17 +41,25 @@ def load_fusecap(folder, models_dir):
 
 def demo_loop(folder, images, **generate_args):
     """The model card's code, one image at a time: processor + generate + decode."""
+    return [group[0] for group in demo_loop_n_best(folder, images, 1, strip=False, **generate_args)]
+
+
+def demo_loop_n_best(folder, images, count, strip=True, **generate_args):
+    """The model card's code asking generate for its ``count`` best beams, one image at a time."""
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
     processor = BlipProcessor.from_pretrained(str(folder))
     model = BlipForConditionalGeneration.from_pretrained(str(folder)).eval()
-    captions = []
+    if count > 1:
+        generate_args["num_return_sequences"] = count
+    groups = []
     for image in images:
         inputs = processor(image, PROMPT, return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**inputs, **generate_args)
-        captions.append(processor.decode(out[0], skip_special_tokens=True))
-    return captions
+        texts = [processor.decode(row, skip_special_tokens=True) for row in out]
+        groups.append([text.strip() for text in texts] if strip else texts)
+    return groups
 
 
 def test_saved_keys_have_the_published_prefixes(blip_dirs):
@@ -304,21 +312,6 @@ def test_a_hub_repo_with_tokenizer_json_and_no_vocab_txt_downloads(blip_dirs, ph
     assert (models / "fusecap" / "FuseCap" / "tokenizer.json").is_file()
     assert result["present"] and len(set(result["local"])) > 1
     assert result["downloaded"] == result["local"]
-
-
-def demo_loop_n_best(folder, images, count, **generate_args):
-    """The model card's code asking generate for its ``count`` best beams, one image at a time."""
-    from transformers import BlipForConditionalGeneration, BlipProcessor
-
-    processor = BlipProcessor.from_pretrained(str(folder))
-    model = BlipForConditionalGeneration.from_pretrained(str(folder)).eval()
-    groups = []
-    for image in images:
-        inputs = processor(image, PROMPT, return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(**inputs, num_return_sequences=count, **generate_args)
-        groups.append([processor.decode(row, skip_special_tokens=True).strip() for row in out])
-    return groups
 
 
 def test_n_best_beams_equal_generate_with_num_return_sequences(blip_dirs, blip_images, models_dir):

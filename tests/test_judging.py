@@ -1,7 +1,7 @@
 """Judged captions: CLIPScore, N best beams, seeded samples, guidance, best-of-N across models, gates.
 
-Every claim is checked against an independent computation written here: a per-image beam search
-without cache that returns its N best beams, a per-image guided argmax that recomputes both the
+Every claim is checked against an independent computation: the per-image beam search without cache
+of tests/reference_decoding.py returning its N best beams, a per-image guided argmax that recomputes both the
 image's and the null prefix's sequences at every step, and CLIPScore from open_clip's own calls.
 """
 
@@ -17,6 +17,7 @@ from captioners.judging.scoring import clip_scores, parse_score_clip
 from captioners.options import DecodingOptions
 from captioners.prefix_decoding import beam_candidates
 from tests import tiny_models
+from tests.reference_decoding import reference_beams
 
 SHORT = {"max_new_tokens": 20}
 
@@ -51,42 +52,6 @@ def independent_clip_scores(clip, image: Image.Image, texts: list[str]) -> list[
     picture = picture / picture.norm(dim=-1, keepdim=True)
     words = words / words.norm(dim=-1, keepdim=True)
     return [2.5 * max(float(c), 0.0) for c in (words @ picture[0])]
-
-
-@torch.no_grad()
-def reference_n_best(gpt, prefix: torch.Tensor, stop_token: int, beam_size: int, count: int,
-                     entry_length: int) -> list[list[int]]:
-    """ClipCap's generate_beam for one image without a cache, returning its ``count`` best beams."""
-    generated = prefix[None]
-    tokens = scores = None
-    lengths = torch.ones(beam_size)
-    stopped = torch.zeros(beam_size, dtype=torch.bool)
-    for _ in range(entry_length):
-        logits = gpt(inputs_embeds=generated).logits[:, -1, :].float().log_softmax(-1)
-        if scores is None:
-            scores, next_tokens = logits.topk(beam_size, -1)
-            generated = generated.expand(beam_size, *generated.shape[1:])
-            next_tokens, scores = next_tokens.permute(1, 0), scores.squeeze(0)
-            tokens = next_tokens
-        else:
-            logits[stopped] = float("-inf")
-            logits[stopped, 0] = 0
-            total = scores[:, None] + logits
-            lengths[~stopped] += 1
-            average, flat = (total / lengths[:, None]).view(-1).topk(beam_size, -1)
-            source = torch.div(flat, total.shape[1], rounding_mode="floor")
-            lengths = lengths[source]
-            next_tokens = (flat % total.shape[1]).unsqueeze(1)
-            tokens = torch.cat((tokens[source], next_tokens), dim=1)
-            generated = generated[source]
-            scores = average * lengths
-            stopped = stopped[source]
-        generated = torch.cat((generated, gpt.transformer.wte(next_tokens.squeeze(1)).view(beam_size, 1, -1)), dim=1)
-        stopped = stopped | next_tokens.eq(stop_token).squeeze(1)
-        if stopped.all():
-            break
-    order = (scores / lengths).argsort(descending=True)[:count].tolist()
-    return [tokens[i, : int(lengths[i])].tolist() for i in order]
 
 
 @torch.no_grad()
@@ -149,7 +114,7 @@ def test_n_best_beams_equal_the_reference_top_n(icg_checkpoint, load_tiny, batch
     embeddings = random_embeddings(8, seed=11)
     with torch.no_grad():
         prefixes = icg_checkpoint.model.prefix(embeddings)
-    expected = [reference_n_best(icg_checkpoint.model.gpt, p, icg_checkpoint.stop_token, 5, 3, 30) for p in prefixes]
+    expected = [reference_beams(icg_checkpoint.model.gpt, p, icg_checkpoint.stop_token, 5, 3, 30) for p in prefixes]
     assert len({len(beams[0]) for beams in expected}) >= 3
     got = []
     for start in range(0, 8, batch_size):
