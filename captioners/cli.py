@@ -139,17 +139,24 @@ def model_ids(args: argparse.Namespace) -> list[str]:
     return ids
 
 
-def load_captioners_from_args(args: argparse.Namespace) -> list:
-    """The --model captioner(s), loaded; every model's files are checked before the first loads."""
+def load_captioners_from_args(args: argparse.Namespace, judging: Any = None) -> list:
+    """The --model captioner(s), loaded. Every model's files, and those of the scoring CLIP the
+    judging will need, are checked before the first model loads (one error names all missing ones)."""
+    from captioners.judging.judge import planned_scoring_clip
     from captioners.paths import resolve_models_dir
     from captioners.registry import create_captioner
     from captioners.weights import ensure_assets
 
     models_dir = resolve_models_dir(args.models_dir)
     captioners = [create_captioner(model, models_dir, model_overrides(args)) for model in model_ids(args)]
-    if len(captioners) > 1:
-        ensure_assets([a for c in captioners for a in type(c).assets(c.spec)], models_dir,
-                      model=", ".join(c.spec.id for c in captioners))
+    assets = [a for c in captioners for a in type(c).assets(c.spec)]
+    scoring = planned_scoring_clip([c.spec for c in captioners], decoding_options(args), judging) if judging else None
+    if scoring is not None:
+        from captioners.judging.scoring import scoring_assets
+
+        assets += scoring_assets(scoring)
+    if len(captioners) > 1 or scoring is not None:
+        ensure_assets(assets, models_dir, model=", ".join(c.spec.id for c in captioners))
     return [captioner.load(args.device, args.dtype) for captioner in captioners]
 
 
@@ -176,7 +183,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if not paths:  # nothing to caption: say so before spending a model load on it
         hint = "" if args.recursive else " (sub-folders are searched only with -r/--recursive)"
         raise CaptionerError(f"No images to caption in {', '.join(map(display_path, args.inputs))}{hint}.")
-    judge = make_judge(load_captioners_from_args(args), options, judging)
+    judge = make_judge(load_captioners_from_args(args, judging), options, judging)
     for start in range(0, len(paths), batch_size):
         chunk, images = [], []
         for path in paths[start:start + batch_size]:

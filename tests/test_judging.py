@@ -354,3 +354,31 @@ def test_with_several_models_on_a_gpu_only_the_one_at_work_is_there(icg_checkpoi
     judge.judge_images(images[:1])
     a, b = first.spec.id, second.spec.id
     assert moves == [(a, "cuda"), (a, "cpu"), (b, "cuda"), (b, "cpu")] * 2
+
+
+def test_the_scoring_clip_to_load_is_known_before_any_model_loads():
+    """FuseCap has no CLIP of its own: --score needs ViT-L-14's files, checked with the model's."""
+    from captioners.judging.judge import planned_scoring_clip
+    from captioners.registry import builtin_specs
+
+    specs = builtin_specs()
+    plain = DecodingOptions()
+    fusecap, icg = specs["fusecap"], specs["clip-prefix-flickr8k"]
+    assert planned_scoring_clip([icg], plain, JudgingOptions(score=True)) is None  # its own CLIP
+    assert planned_scoring_clip([fusecap], plain, JudgingOptions()) is None  # no scoring asked
+    assert planned_scoring_clip([fusecap], plain, JudgingOptions(score=True)).label == \
+        parse_score_clip("ViT-L-14:openai").label
+    assert planned_scoring_clip([icg], DecodingOptions(select="clip"), JudgingOptions(score_clip="ViT-B-32")).arch \
+        == "ViT-B-32"
+    both = [icg, specs["clipcap-coco"]]  # ViT-L-14 and ViT-B-32: one CLIP must score both
+    assert planned_scoring_clip(both, plain, JudgingOptions(score=True)) is not None
+
+
+def test_the_command_line_names_the_scoring_clip_files_with_the_models(tmp_path, photos, capsys):
+    from captioners.cli import main
+
+    status = main(["caption", str(photos[0]), "--model", "fusecap", "--score", "--models-dir", str(tmp_path),
+                   "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert status == 2 and "fusecap/FuseCap" in err and "vit_large_patch14_clip_224.openai" in err
+    assert "--score-clip" in err and "Traceback" not in err

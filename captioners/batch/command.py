@@ -136,7 +136,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(max(1, args.threads))
     plan = plan_job(job)  # bad inputs fail here, before the model is loaded
-    captioners = cli.load_captioners_from_args(args)
+    captioners = cli.load_captioners_from_args(args, job.judging)
     stop = StopOnSignal()
     with stop, ProgressBar(disable=args.quiet or args.json) as bar:
         summary = run_batch(captioners, job, on_progress=bar.update, should_stop=stop, plan=plan,

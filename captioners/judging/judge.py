@@ -266,6 +266,21 @@ class Judge:
             self.scorer.unload()
 
 
+def planned_scoring_clip(specs: Sequence[Any], options: DecodingOptions, judging: JudgingOptions) -> Any:
+    """The ClipSpec of the scoring CLIP a Judge of these (not yet loaded) models will load, or None
+    when it will score with the models' own CLIP or not at all: so that its files are checked with
+    the models' before anything loads. Mirrors Judge._reuses_model_clip for specs."""
+    if not (judging.score or options.select == "clip"):
+        return None
+    if judging.score_clip:
+        return parse_score_clip(judging.score_clip)
+    clips = [getattr(spec.config, "clip", None) if spec.family in ("clip-prefix", "sbg") else None for spec in specs]
+    own = all(spec.family in ("clip-prefix", "sbg") for spec in specs)
+    if own and (len(specs) == 1 or (None not in clips and len(set(clips)) == 1)):
+        return None
+    return parse_score_clip(judging.fallback_score_clip or DEFAULT_SCORE_CLIP)
+
+
 def _better(new_score: float | None, new_flags: list[Flag], old_score: float | None, old_flags: list[Flag]) -> bool:
     if new_score is not None and old_score is not None and new_score != old_score:
         return new_score > old_score

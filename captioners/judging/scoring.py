@@ -41,6 +41,13 @@ def parse_score_clip(text: str) -> ClipSpec:
     return ClipSpec(arch, weights, quick_gelu=True if weights == "openai" else None)
 
 
+def scoring_assets(spec: ClipSpec) -> list[Any]:
+    """The files of a scoring CLIP; a missing one points at --score-clip (not the model's --clip-weights)."""
+    from dataclasses import replace
+
+    return [replace(asset, option="--score-clip") for asset in clip_assets(spec)]
+
+
 @dataclass
 class ScoringClip:
     """A CLIP used only for scoring: its assets, and the model once loaded."""
@@ -50,7 +57,7 @@ class ScoringClip:
     backbone: ClipBackbone | None = None
 
     def assets(self) -> list[Any]:
-        return clip_assets(self.spec)
+        return scoring_assets(self.spec)
 
     def load(self, device: torch.device, dtype: torch.dtype) -> ClipBackbone:
         if self.backbone is None:
