@@ -52,9 +52,22 @@ def test_scores_reach_jsonl_csv_and_the_summary(captioner, photos, tmp_path):
     assert [float(row["clip_score"]) for row in rows] == pytest.approx(scores, abs=1e-4)
     assert summary.clip_score["count"] == 6
     assert summary.clip_score["max"] == max(scores) and summary.clip_score["min"] == min(scores)
-    lowest = min(range(6), key=lambda i: scores[i])
-    assert "low_score" in records[lowest]["flags"]  # the lowest 5% of six scores: the lowest one
-    assert summary.flags["low_score"] == 1
+    assert summary.flags["low_score"] == 0  # six scores are too few for "the lowest 5%"
+
+
+def test_the_lowest_scores_of_a_run_are_flagged():
+    from captioners.judging.judge import MIN_SCORES_FOR_OUTLIERS, JudgedImage, flag_low_scores
+
+    def judged(score):
+        return JudgedImage(["a dog runs on the grass ."], [score], ["m"], [[]])
+
+    few = [judged(s / 10) for s in range(MIN_SCORES_FOR_OUTLIERS - 1)]
+    assert flag_low_scores(few, 5.0) is None and not any(r.flag_codes for r in few)
+    run = [judged(score) for score in [0.9, 0.8, 0.05, 0.7, 0.02] + [0.6] * 35]  # 40 scores: 5% is 2
+    threshold = flag_low_scores(run, 5.0)
+    assert threshold == 0.05
+    assert [i for i, r in enumerate(run) if r.flag_codes == ["low_score"]] == [2, 4]
+    assert "0.02" in run[4].flags[0][0].message
 
 
 def crafted(captioner, monkeypatch, texts):

@@ -365,7 +365,7 @@ def _histogram_png(figure_class: Any, histogram: Sequence[Sequence[float]], xlab
         axes.axvline(limit, color="#c0392b", linestyle="--", linewidth=1.5, label=f"CLIP limit ({limit:g} tokens)")
         axes.legend(loc="upper right", fontsize="small")
     axes.set_xlabel(xlabel)
-    axes.set_ylabel("captions")
+    axes.set_ylabel("images (first caption)")
     from matplotlib.ticker import MaxNLocator
 
     axes.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no 0.2, 0.4 ... ticks

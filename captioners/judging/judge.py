@@ -297,11 +297,17 @@ class MultiPreprocess:
         return tuple(function(image) for function in self.functions)
 
 
+MIN_SCORES_FOR_OUTLIERS = 20  # below this, "the lowest 5%" would flag the lowest caption of any tiny run
+
+
 def flag_low_scores(results: Sequence[JudgedImage], percentile: float) -> float | None:
-    """Add the "low score" flag to the run's lowest-scored first captions; returns the threshold."""
+    """Add the "low score" flag to the run's lowest-scored first captions; returns the threshold
+    (None, and no flag, for runs with fewer than MIN_SCORES_FOR_OUTLIERS scores)."""
     from captioners.judging.gates import score_threshold
 
     scores = [result.score for result in results]
+    if sum(score is not None for score in scores) < MIN_SCORES_FOR_OUTLIERS:
+        return None
     threshold = score_threshold(scores, percentile)
     for index in low_score_outliers(scores, percentile):
         result = results[index]
