@@ -295,3 +295,16 @@ def test_batch_with_judging_reports_scores_and_flags(client, photos, tmp_path):
     assert all(len(p.read_text().splitlines()) == 2 for p in folder.glob("*.txt"))
     bad = client.post("/captioners/v1/batch", json={"inputs": [str(folder)], "judging": {"max_tokens": 10}})
     assert bad.status_code == 400 and "shaping.max_tokens" in bad.json()["detail"]
+
+
+def test_several_models_rank_their_candidates_together(client, photos):
+    response = client.post("/captioners/v1/caption", json={
+        "image": b64(photos[0]), "model": [TINY, TINY], "judging": {"score": True},
+        "options": {"select": "clip", "strategy": "beam", "num_candidates": 3, "captions_per_image": 2,
+                    "max_new_tokens": 20}})
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["model"] == f"{TINY},{TINY}"
+    scores = [c["clip_score"] for c in data["results"][0]["captions"]]
+    assert len(scores) == 2 and scores == sorted(scores, reverse=True)
+    assert client.get("/captioners/v1/models").json()["loaded"] == TINY  # the extra copy was freed

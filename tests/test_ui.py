@@ -54,7 +54,7 @@ def test_dropdown_marks_models_with_missing_files(service):
 
 def test_caption_handler(service, photos):
     image = Image.open(photos[0])
-    judging = [False, "", "keep", 75, 0, False]
+    judging = [False, "", "keep", 75, 0, False, ""]
     caption, status, judged = caption_image(service, image, TINY, *judging, *([None] * 13))
     assert caption == service.caption([image])[1][0] and status.startswith(TINY)
     # User errors go to the status line; the caption being edited is left alone.
@@ -66,13 +66,20 @@ def test_caption_handler(service, photos):
 
 def test_caption_handler_scores_and_lists_several_captions(service, photos):
     image = Image.open(photos[0])
-    judging = [True, "", "keep", 75, 0, False]
+    judging = [True, "", "keep", 75, 0, False, ""]
     decoding = ["beam", -1, 0, 20, 0, 0, 0, 0, 0, 0, "", "model default", False, 3, "model default", "model", 0]
     caption, status, judged = caption_image(service, image, TINY, *judging, *decoding)
     _, results = service.judge([image], TINY, decoding_mapping(*decoding), {"score": True})
     assert caption.split("\n") == results[0].captions and len(results[0].captions) == 3
     assert f"CLIPScore {results[0].score:.3f}" in status
     assert judged.count("<tr>") == 4 and "CLIPScore" in judged
+    # More models from the judging controls: their candidates are ranked with the chosen model's.
+    from captioners.ui.controls import chosen_models
+
+    assert chosen_models(TINY, [*judging[:6], f" {TINY}-b, c "]) == [TINY, f"{TINY}-b", "c"]
+    assert chosen_models(TINY, judging) == TINY
+    _, status, _ = caption_image(service, image, TINY, *judging[:6], "no-such-model", *decoding)
+    assert status.startswith("Error:") and "no-such-model" in status
 
 
 def test_decoding_controls_map_unset_to_none():

@@ -11,7 +11,7 @@ import gradio as gr
 from captioners.errors import CaptionerError
 from captioners.service import BatchHandle, CaptionService
 from captioners.ui import render
-from captioners.ui.controls import DecodingControls, JudgingControls, decoding_mapping, judging_mapping
+from captioners.ui.controls import DecodingControls, JudgingControls, chosen_models, decoding_mapping, judging_mapping
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,8 @@ def words(text: str | None) -> list[str]:
     return [w.strip() for w in (text or "").replace("\n", ",").split(",") if w.strip()]
 
 
-JUDGING_FIELDS = 6  # JudgingControls.components
+JUDGING_FIELDS = JudgingControls.FIELDS
+SHAPING_FIELDS = 18  # job_mapping's named parameters, before the judging controls
 
 
 def job_mapping(inputs: str, recursive: bool, output_dir: str, extension: str, existing: str, backup: bool,
@@ -84,7 +85,7 @@ def start_batch(service: CaptionService, model_label: str | None, *fields: Any) 
     Yields (progress, captions, failures, summary, report, notice); the notice line (where Interrupt
     answers) is cleared once at the start and otherwise left to the Interrupt button.
     """
-    model = render.model_id(model_label)
+    model = chosen_models(model_label, fields[SHAPING_FIELDS:SHAPING_FIELDS + JUDGING_FIELDS])
     try:
         job = job_mapping(*fields)
         handle = BatchHandle(service, job, model)
@@ -92,10 +93,11 @@ def start_batch(service: CaptionService, model_label: str | None, *fields: Any) 
         yield (*batch_updates(None, "", str(exc)), "")
         return
     notice: Any = ""
+    shown = ",".join(model) if isinstance(model, list) else model or ""
     while not handle.done.wait(POLL_S):
-        yield (*batch_updates(handle, model or ""), notice)
+        yield (*batch_updates(handle, shown), notice)
         notice = gr.update()
-    yield (*batch_updates(handle, model or ""), notice)
+    yield (*batch_updates(handle, shown), notice)
 
 
 def interrupt_batch(service: CaptionService) -> str:

@@ -143,7 +143,10 @@ def decoding_mapping(strategy=None, seed=None, num_beams=None, max_new_tokens=No
 
 # ---- judging ---------------------------------------------------------------------------------------
 class JudgingControls:
-    """CLIPScore and the quality gates (captioners.judging.options.JudgingOptions)."""
+    """CLIPScore and the quality gates (captioners.judging.options.JudgingOptions), and more models
+    whose candidates are ranked with the chosen one's (best-of-N across models)."""
+
+    FIELDS = 7  # len(components): handlers split their inputs with it
 
     def __init__(self, prefix: str, budget: bool = True):
         with gr.Row():
@@ -159,14 +162,31 @@ class JudgingControls:
                                            elem_id=f"{prefix}_t5_max_tokens")
             self.trim = gr.Checkbox(value=False, label="Trim to the budget (at a sentence or comma)",
                                     elem_id=f"{prefix}_trim")
+        self.extra_models = gr.Textbox(label="Also make candidates with these models (ids, comma-separated; "
+                                             "with Rank by clip: best-of-N across models)",
+                                       elem_id=f"{prefix}_extra_models")
 
     @property
     def components(self) -> list[Any]:
-        return [self.score, self.score_clip, self.on_flag, self.max_tokens, self.t5_max_tokens, self.trim]
+        return [self.score, self.score_clip, self.on_flag, self.max_tokens, self.t5_max_tokens, self.trim,
+                self.extra_models]
+
+
+def chosen_models(model_label: str | None, judging: Any) -> str | list[str] | None:
+    """The dropdown's model, followed by the judging controls' extra model ids (when there are any)."""
+    from captioners.ui import render
+
+    model = render.model_id(model_label)
+    extra = [part.strip() for part in str(judging[6] if len(judging) > 6 and judging[6] else "").split(",")
+             if part.strip()]
+    if not extra:
+        return model
+    first = model or None
+    return [first, *extra] if first else extra
 
 
 def judging_mapping(score=False, score_clip=None, on_flag="keep", max_tokens=75, t5_max_tokens=0,
-                    trim=False) -> dict[str, Any]:
-    """The values of :class:`JudgingControls` as a JudgingOptions mapping."""
+                    trim=False, extra_models=None) -> dict[str, Any]:
+    """The values of :class:`JudgingControls` as a JudgingOptions mapping (extra_models: see chosen_models)."""
     return {"score": bool(score), "score_clip": (score_clip or "").strip() or None, "on_flag": on_flag or "keep",
             "max_tokens": int(max_tokens or 0), "t5_max_tokens": int(t5_max_tokens or 0), "trim_to_budget": bool(trim)}

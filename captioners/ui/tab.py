@@ -19,13 +19,13 @@ from captioners.service import CaptionService
 from captioners.ui import render
 from captioners.ui.batch_tab import batch_section
 from captioners.ui.compat import blocks_kwargs, image_sources, show_progress
-from captioners.ui.controls import DecodingControls, JudgingControls, decoding_mapping, judging_mapping, model_choices, \
-    model_dropdown, model_row, refresh_models, user_error
+from captioners.ui.controls import DecodingControls, JudgingControls, chosen_models, decoding_mapping, judging_mapping, \
+    model_choices, model_dropdown, model_row, refresh_models, user_error
 from captioners.ui.local_paths import local_paths_section
 
 log = logging.getLogger(__name__)
 
-JUDGING_FIELDS = 6  # JudgingControls.components, before the decoding ones in caption_image's inputs
+JUDGING_FIELDS = JudgingControls.FIELDS  # before the decoding controls in caption_image's inputs
 
 
 class TabHooks:
@@ -45,7 +45,7 @@ def caption_image(service: CaptionService, image: Any, model_label: str | None, 
     started = time.perf_counter()
     judging, decoding = fields[:JUDGING_FIELDS], fields[JUDGING_FIELDS:]
     try:
-        models, results = service.judge([image], render.model_id(model_label), decoding_mapping(*decoding),
+        models, results = service.judge([image], chosen_models(model_label, judging), decoding_mapping(*decoding),
                                         judging_mapping(*judging))
     except CaptionerError as exc:
         return gr.update(), f"Error: {exc}", ""
