@@ -5,6 +5,7 @@
 #   tools/setup.sh current    the package and its test tools, current releases, in .venv
 #   tools/setup.sh a1111      the same with A1111 1.10's pins (tools/pins/a1111.txt), in .venv-a1111
 #   tools/setup.sh forge      the same with Forge's pins (tools/pins/forge.txt), in .venv-forge
+#   tools/setup.sh forge-neo  the same with Forge Neo's pins (tools/pins/forge-neo.txt), in .venv-forge-neo
 #
 # Installing is skipped when this checkout's pyproject.toml (and pin file) were installed into that
 # environment already: a second call costs a second, not pip's ~30 s of resolving.
@@ -88,7 +89,14 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 overlay "$venv" "$base"
-install "$venv" "-r $pin_file" "$pin_file" "$root/pyproject.toml"
+# A pin file installs in steps split at "# then" lines, as its host's launcher installs them (Forge
+# Neo installs its gradio, then requirements that move Pillow past gradio's bound).
+step=0
+while [ -n "$(awk -v want="$step" 'BEGIN{n=0} /^# then/{n++; next} n==want' "$pin_file")" ]; do
+  awk -v want="$step" 'BEGIN{n=0} /^# then/{n++; next} n==want' "$pin_file" > "$venv/.pins-step$step.txt"
+  install "$venv" "-r $venv/.pins-step$step.txt" "$pin_file" "$root/pyproject.toml"
+  step=$((step + 1))
+done
 "$venv/bin/python" - "$pin_file" <<'PY'
 import sys
 from importlib.metadata import version

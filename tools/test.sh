@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the test suite: tools/test.sh [current|a1111|forge] [pytest args...]
+# Run the test suite: tools/test.sh [current|a1111|forge|forge-neo] [pytest args...]
 # Sets up the environment first (see tools/setup.sh); no network is used by the tests themselves.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
