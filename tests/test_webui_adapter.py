@@ -267,6 +267,10 @@ def test_webui_interrupt_stops_our_jobs(webui, extension):
     assert not host.stop_requested()
     webui.shared.state.interrupt()
     assert host.stop_requested()
+    webui.shared.state.begin("next")
+    assert not host.stop_requested()
+    webui.shared.state.stop_generating()  # the first click on Interrupt while a batch runs
+    assert host.stop_requested()
 
 
 @any_host

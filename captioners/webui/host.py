@@ -80,6 +80,10 @@ class WebUIHost(Host):
         shared.state.textinfo = text or None
 
     def stop_requested(self) -> bool:
+        """The Interrupt button: its first click during a job of several items only sets
+        ``stopping_generation`` (stop after the current one), the next sets ``interrupted``. A batch
+        stops after its current batch of images either way."""
         from modules import shared
 
-        return bool(shared.state.interrupted)
+        state = shared.state
+        return bool(state.interrupted or getattr(state, "stopping_generation", False))

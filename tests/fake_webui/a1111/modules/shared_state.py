@@ -23,6 +23,11 @@ class State:
     def interrupt(self):
         self.interrupted = True
 
+    def stop_generating(self):
+        # What A1111 1.10's Interrupt button does first while a job of several items runs
+        # (ui_toprow.interrupt_function, with the default "interrupt after current" option).
+        self.stopping_generation = True
+
     def skip(self):
         self.skipped = True
 
