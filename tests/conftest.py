@@ -68,13 +68,15 @@ def clip_overrides(tiny_clip, tokenizer_dir) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def load_tiny(clip_overrides, tmp_path_factory):
     """Load a tiny checkpoint through the public registry path, on the CPU."""
+    return tiny_loader(clip_overrides, tmp_path_factory.mktemp("models-for-load"))
+
+
+def tiny_loader(overrides: dict[str, str], models_dir: Path):
+    """checkpoint path (and more overrides) -> the captioner loaded on the CPU with ``overrides``."""
     from captioners.registry import create_captioner
 
-    models_dir = tmp_path_factory.mktemp("models-for-load")
-
     def load(checkpoint_path: Path, **extra):
-        captioner = create_captioner(str(checkpoint_path), models_dir, {**clip_overrides, **extra})
-        return captioner.load("cpu")
+        return create_captioner(str(checkpoint_path), models_dir, {**overrides, **extra}).load("cpu")
 
     return load
 
@@ -95,7 +97,4 @@ def scoring_overrides(scoring_clip, tokenizer_dir) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def load_scoring_tiny(scoring_overrides, tmp_path_factory):
     """Load a tiny CLIP-prefix checkpoint on the scoring tiny CLIP, on the CPU."""
-    from captioners.registry import create_captioner
-
-    models_dir = tmp_path_factory.mktemp("scoring-models")
-    return lambda path: create_captioner(str(path), models_dir, scoring_overrides).load("cpu")
+    return tiny_loader(scoring_overrides, tmp_path_factory.mktemp("scoring-models"))

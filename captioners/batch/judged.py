@@ -77,18 +77,21 @@ class RunJudgement:
         return (self.job.separator if self.job.join else "\n").join(result.captions)
 
     # ---- the end of the run -----------------------------------------------------------------
-    def finish(self, summary: BatchSummary, outputs: Any) -> None:
+    def finish(self, summary: BatchSummary) -> None:
+        judged = [result for _, result in self.results]
+        if judged:
+            self._summarize(summary, judged)
         if self.wants_kept_captions and (self.results or self.kept):
             self._counter()
-        if not self.results:
-            if self.wants_kept_captions and self.kept:
-                self.records = [self._kept_record(item, text) for item, text in self.kept]
-                self.numbers = summary.dataset = self._numbers(self.records)
-            return
-        judged = [result for _, result in self.results]
+            self.records = sorted([*(self._record(item, result) for item, result in self.results),
+                                   *(self._kept_record(item, text) for item, text in self.kept)],
+                                  key=lambda record: record.image)
+            self.numbers = summary.dataset = self._numbers(self.records)
+
+    def _summarize(self, summary: BatchSummary, judged: list[JudgedImage]) -> None:
+        """Low-score flags, the run's CLIPScores, counts per gate and the flagged captions."""
         if any(result.score is not None for result in judged):
-            threshold = flag_low_scores(judged, GateSettings().low_score_percentile)
-            summary.low_score_threshold = threshold
+            summary.low_score_threshold = flag_low_scores(judged, GateSettings().low_score_percentile)
             scores = [result.score for result in judged if result.score is not None]
             summary.clip_score = {"mean": round(mean(scores), 4), "median": round(median(scores), 4),
                                   "min": min(scores), "max": max(scores), "count": len(scores)}
@@ -96,11 +99,6 @@ class RunJudgement:
         flagged = [(item, result) for item, result in self.results if result.flag_codes]
         summary.flagged_total = len(flagged)
         summary.flagged = [_flagged_entry(item, result) for item, result in flagged[:FLAGGED_SHOWN]]
-        if self.job.report_html or self.job.report:
-            self.records = [self._record(item, result) for item, result in self.results]
-            self.records += [self._kept_record(item, text) for item, text in self.kept]
-            self.records.sort(key=lambda record: record.image)
-            self.numbers = summary.dataset = self._numbers(self.records)
 
     def _record(self, item: Planned, result: JudgedImage) -> ReportRecord:
         tokens = self.count_tokens(result.caption) if self.count_tokens else None

@@ -100,7 +100,7 @@ class _Run:
         finally:
             if self.journal is not None:
                 self.journal.close()
-            self.judgement.finish(self.summary, self.outputs)
+            self.judgement.finish(self.summary)
             self._write_outputs()
         return self.tracker.finish()
 
