@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 ENV_MODELS_DIR = "CAPTIONERS_MODELS_DIR"
+DEFAULT_MODEL = "clip-prefix-flickr8k-gradient"  # the model of every entry point when none is named
 
 
 def default_models_dir() -> Path:

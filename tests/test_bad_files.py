@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from captioners import cli
+from captioners.base import Captioner
 from captioners.errors import CaptionerError
 from captioners.weights import load_plain_pickle, load_state_dict
 
@@ -174,10 +175,10 @@ def test_an_oversized_or_nested_vocabulary_is_refused(tmp_path):
 
 # ---- caption checks its inputs before loading the model --------------------------------------------
 def test_caption_checks_its_inputs_before_loading_the_model(tmp_path, photos, capsys, monkeypatch):
-    def refuse(args):
+    def refuse(self, *args, **kwargs):
         raise AssertionError("the model was loaded for inputs that cannot be captioned")
 
-    monkeypatch.setattr(cli, "load_captioner_from_args", refuse)
+    monkeypatch.setattr(Captioner, "load", refuse)
     text = tmp_path / "notes.jpg"
     text.write_text("a text file renamed .jpg")
     (tmp_path / "empty").mkdir()

@@ -177,7 +177,7 @@ def test_killed_and_interrupted_runs_resume_to_every_image_captioned_once(tiny_a
 
 @pytest.mark.skipif(os.name != "posix", reason="on Windows os.kill terminates the process")
 def test_first_signal_asks_to_stop_a_second_ctrl_c_stops_at_once():
-    from captioners.batch.command import StopOnSignal
+    from captioners.cli.batch import StopOnSignal
 
     previous = signal.getsignal(signal.SIGINT)
     with StopOnSignal() as stop:

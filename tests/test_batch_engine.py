@@ -14,6 +14,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from captioners.batch import BatchJob, Loader, TextShaping, run_batch
 from captioners.batch.loading import ImageDataset, collate
+from captioners.batch.steps import PreprocessStep
 from captioners.batch.writing import TEMP_SUFFIX, atomic_write
 from captioners.errors import CaptionerError
 from tests.batch_corpus import make_corpus
@@ -52,7 +53,7 @@ def pixels(image) -> torch.Tensor:
 
 def test_dataset_gives_upright_rgb_and_reasons(corpus):
     paths = sorted(corpus.captioned) + sorted(corpus.failing)
-    items = dict(ImageDataset(paths, pixels)[i] for i in range(len(paths)))
+    items = dict(ImageDataset(paths, PreprocessStep(pixels))[i] for i in range(len(paths)))
     loaded = {paths[i].name: value for i, value in items.items()}
     assert loaded["exif_rotated.jpg"].shape == (3, 120, 60)  # saved 120 x 60, shown rotated
     assert loaded["animated.gif"].shape == (3, 50, 50)

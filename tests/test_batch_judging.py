@@ -10,7 +10,7 @@ import pytest
 
 from captioners.base import Candidates
 from captioners.batch import BatchJob, run_batch
-from captioners.batch.command import exit_status
+from captioners.cli.batch import exit_status
 from captioners.cli import main as cli_main
 from tests.batch_helpers import copy_photos
 

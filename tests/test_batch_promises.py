@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from captioners import cli
+from captioners.base import Captioner
 from captioners.batch import BatchJob, run_batch
 from captioners.errors import CaptionerError
 from tests.batch_helpers import copy_photos, model_args, snapshot
@@ -47,10 +48,10 @@ def dataset(photos, tmp_path) -> Path:
 @pytest.fixture()
 def no_model_load(monkeypatch):
     """The model must not load: these runs are refused before."""
-    def refuse(args):
+    def refuse(self, *args, **kwargs):
         raise AssertionError("the model was loaded before the outputs were checked")
 
-    monkeypatch.setattr(cli, "load_captioner_from_args", refuse)
+    monkeypatch.setattr(Captioner, "load", refuse)
 
 
 # ---- 4. outputs compared by real path, checked before the model loads ----------------------------

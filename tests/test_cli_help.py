@@ -44,3 +44,30 @@ def test_messages_name_the_real_flags(tmp_path, capsys):
     assert "-r/--recursive" in capsys.readouterr().err
     assert cli.main(["batch", str(tmp_path), "-r", "--trigger", "sks", "--trigger-mode", "replace"]) == 2
     assert "--class-word" in capsys.readouterr().err
+
+
+def test_only_the_command_line_imports_the_command_line():
+    """Layers point one way: the engines, the service, the UIs and the WebUI adapter stand without it."""
+    import subprocess
+    import sys
+
+    modules = ["captioners.batch.runner", "captioners.batch.steps", "captioners.service", "captioners.api",
+               "captioners.app", "captioners.ui", "captioners.webui.settings", "captioners.judging.judge"]
+    code = ("import sys\n" + "".join(f"import {name}\n" for name in modules) +
+            "print(sorted(m for m in sys.modules if m == 'captioners.cli' or m.startswith('captioners.cli.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_command_line_modules_do_not_import_each_other_in_a_circle():
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "captioners" / "cli"
+    for path in package.glob("*.py"):
+        if path.name == "__init__.py":
+            continue
+        tree = ast.parse(path.read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        siblings = {name for name in imported if name.startswith("captioners.cli")} - {"captioners.cli.options"}
+        assert not siblings, f"{path.name} imports {siblings}: shared options belong in captioners.cli.options"

@@ -37,6 +37,7 @@ class Planned:
     index: int
     image: Path
     caption_file: Path
+    id: str = ""  # stable across runs: the image's path relative to its input root (see image_id)
 
 
 @dataclass
@@ -168,6 +169,7 @@ def plan_images(inputs: list[str], recursive: bool, file_list: str | None, exten
     failed: list[tuple[str, str]] = []
     seen_images: set[str] = set()
     owners: dict[str, Path] = {}
+    ids: set[str] = set()
     for found in find_images(inputs, recursive, file_list, failed):
         key = real_key(found.path)
         if key in seen_images:
@@ -186,5 +188,18 @@ def plan_images(inputs: list[str], recursive: bool, file_list: str | None, exten
                                             f"of {display_path(owners[target_key])}; rename one of the two images"))
             continue
         owners[target_key] = found.path
-        items.append(Planned(len(items), found.path, target))
+        items.append(Planned(len(items), found.path, target, image_id(found, ids)))
     return Discovery(items, failed, seen_images, owners)
+
+
+def image_id(found: Found, taken: set[str]) -> str:
+    """The image's path relative to its input root ('holiday/cat.jpg'), the same in every run of the
+    same inputs; when two inputs hold the same relative path, the later image's real path instead."""
+    try:
+        candidate = found.path.relative_to(found.root).as_posix()
+    except ValueError:
+        candidate = real_key(found.path)
+    if candidate in taken:
+        candidate = real_key(found.path)
+    taken.add(candidate)
+    return candidate

@@ -1,7 +1,8 @@
 """Decoding and preprocessing images in workers while the model runs on the previous batch.
 
-``ImageDataset`` opens one image (``load_image``: upright RGB, alpha on white, first frame) and runs
-the captioner's preprocessor; a failure becomes its reason instead of an exception, and ``collate``
+``ImageDataset`` runs the engines' :class:`~captioners.batch.steps.PreprocessStep` on one image
+(``load_image``: upright RGB, alpha on white, first frame, then the model's preprocessing); a failure
+becomes its reason instead of an exception, and ``collate``
 drops failed images from the batch (kohya / JoyCaption style), passing their reasons on.
 
 Two ways to run it in parallel (``BatchJob.loader``):
@@ -22,20 +23,14 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
-from PIL import Image
 
 from captioners.batch.job import Loader
-from captioners.display import display_path
-from captioners.errors import ImageLoadError
-from captioners.images import load_image
+from captioners.batch.steps import Pixels, PreprocessStep
 
 PREFETCH_BATCHES = 2  # batches decoded ahead of the model
-
-
-Pixels = torch.Tensor | tuple[torch.Tensor, ...]  # one tensor, or one per model (several models, a scoring CLIP)
 
 
 @dataclass
@@ -54,25 +49,17 @@ class LoadedBatch:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    def __init__(self, paths: list[Path], preprocess: Callable[[Image.Image], torch.Tensor],
-                 min_side: int | None = None):
+    """The images of a run, each read and preprocessed by the engines' shared step when asked for."""
+
+    def __init__(self, paths: list[Path], preprocess: PreprocessStep):
         self.paths = paths
         self.preprocess = preprocess
-        self.min_side = min_side  # set: JPEGs are decoded at reduced size (draft mode)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, Pixels | str]:
-        path = self.paths[index]
-        try:
-            return index, self.preprocess(load_image(path, min_side=self.min_side))
-        except ImageLoadError as exc:
-            return index, str(exc).removeprefix(f"{display_path(path)}: ")
-        except MemoryError:
-            return index, "not enough memory to decode this image"
-        except Exception as exc:  # a preprocessing failure must not end a long run
-            return index, f"preprocessing failed: {type(exc).__name__}: {exc}"
+        return index, self.preprocess(self.paths[index])
 
 
 def collate(items: list[tuple[int, Pixels | str]]) -> LoadedBatch:

@@ -12,20 +12,19 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Sequence
-
-import torch
+from typing import Callable, Iterator, Protocol, Sequence
 
 from captioners.base import Captioner
 from captioners.batch.discovery import Discovery, Planned, plan_images
 from captioners.batch.job import BatchJob, ExistingPolicy
-from captioners.batch.loading import ImageDataset, LoadedBatch, iter_batches
+from captioners.batch.local_engine import LocalEngine, Outcome
 from captioners.batch.journal import RunJournal, journal_folder, journal_path
 from captioners.batch.outputs import CombinedOutputs, Record, check_output_paths, read_kohya_metadata, write_output
 from captioners.batch.report import PREVIEWS, RECENT, BatchSummary, Progress, Tracker
 from captioners.batch.writing import (decide, has_caption, read_bytes_no_follow, read_existing,
                                       remove_stale_temp_files, write_caption)
 from captioners.batch.judged import RunJudgement
+from captioners.batch.steps import options_hash
 from captioners.display import display_path, json_bytes
 from captioners.errors import CaptionerError
 from captioners.judging.judge import JudgedImage
@@ -58,21 +57,32 @@ def plan_job(job: BatchJob) -> Discovery:
 def run_batch(captioner: Captioner | Sequence[Captioner], job: BatchJob,
               on_progress: Callable[[Progress], None] | None = None,
               should_stop: Callable[[], bool] | None = None, plan: Discovery | None = None,
-              swap_models: bool = False) -> BatchSummary:
+              swap_models: bool = False, engine: Engine | None = None) -> BatchSummary:
     """Caption every image of ``job``; see the module docstring and README "Batch captioning".
 
     Several captioners make candidates together (best-of-N across models); ``swap_models`` keeps
-    only the one at work on the GPU."""
+    only the one at work on the GPU. ``engine`` makes the captions (default: this process, see
+    local_engine.py; ray_engine.py spreads them over a cluster); everything else is done here."""
     captioners = [captioner] if isinstance(captioner, Captioner) else list(captioner)
-    run = _Run(captioners, job, plan or plan_job(job), on_progress, should_stop, swap_models)
+    run = _Run(captioners, job, plan or plan_job(job), on_progress, should_stop, swap_models,
+               engine or LocalEngine())
     return run.execute()
+
+
+class Engine(Protocol):
+    """Makes the outcomes of the images left to caption, a batch at a time (see local_engine.py)."""
+
+    name: str
+
+    def caption(self, todo: Sequence[Planned], captioners: Sequence[Captioner], job: BatchJob,
+                judgement: RunJudgement, model_id: str, key: str) -> Iterator[list[Outcome]]: ...
 
 
 class _Run:
     def __init__(self, captioners: list[Captioner], job: BatchJob, plan: Discovery,
                  on_progress: Callable[[Progress], None] | None, should_stop: Callable[[], bool] | None,
-                 swap_models: bool = False):
-        self.captioners, self.job, self.plan = captioners, job, plan
+                 swap_models: bool, engine: Engine):
+        self.captioners, self.job, self.plan, self.engine = captioners, job, plan, engine
         self.captioner = captioners[0]
         self.on_progress, self.should_stop = on_progress, should_stop
         self.summary = BatchSummary(total=len(plan.items) + len(plan.failed), dry_run=job.dry_run,
@@ -80,6 +90,7 @@ class _Run:
         self.tracker = Tracker(self.summary, time.perf_counter())
         self.options = self.captioner.decoding_options(job.decoding)
         self.model_id = ",".join(c.spec.id for c in captioners)
+        self.key = options_hash(job, self.model_id, self.options.to_dict())
         self.outputs = CombinedOutputs(job.jsonl, job.csv, job.kohya_json, job.kohya_full_path,
                                        self.model_id, self.options.to_dict())
         self.journal = None
@@ -134,20 +145,11 @@ class _Run:
 
     # ---- captioning ------------------------------------------------------------------------
     def _caption_all(self, todo: list[Planned]) -> None:
-        captioner, job = self.captioner, self.job
-        for each in self.captioners:
-            if not each.loaded:
-                each.load()
-        judge = self.judgement.start()
-        options = self.options
-        min_side = captioner.image_size if job.fast_decode else None
-        dataset = ImageDataset([item.image for item in todo], judge.preprocessor(), min_side)
-        pin = captioner.device is not None and captioner.device.type == "cuda"
         self.tracker.start_loop()
-        batches = iter_batches(dataset, job.batch_size, job.workers, job.loader, pin_memory=pin)
+        batches = self.engine.caption(todo, self.captioners, self.job, self.judgement, self.model_id, self.key)
         try:
-            for batch in batches:
-                self._caption_batch(batch, todo, options)
+            for outcomes in batches:
+                self._take(outcomes, todo)
                 self._report()
                 if self._stop_requested():
                     self.summary.interrupted = True
@@ -155,24 +157,13 @@ class _Run:
         finally:
             batches.close()
 
-    def _caption_batch(self, batch: LoadedBatch, todo: list[Planned], options) -> None:
-        for index, reason in batch.failed:
-            self._fail(todo[index], reason)
-        if batch.pixels is None:
-            return
-        try:
-            with torch.inference_mode():
-                results = self.judgement.judge.judge(batch.pixels)
-        except CaptionerError:  # an option this model cannot do: every batch would fail alike
-            raise
-        except Exception as exc:  # e.g. out of memory: these images fail, the run goes on
-            log.warning("Captioning a batch failed: %s", exc)
-            for index in batch.indices:
-                self._fail(todo[index], f"captioning failed: {type(exc).__name__}: {exc}")
-            return
+    def _take(self, outcomes: list[Outcome], todo: list[Planned]) -> None:
         self.tracker.recent = []
-        for index, result in zip(batch.indices, results):
-            self._finish(todo[index], result)
+        for index, outcome in outcomes:
+            if isinstance(outcome, str):
+                self._fail(todo[index], outcome)
+            else:
+                self._finish(todo[index], outcome)
         self.tracker.recent = self.tracker.recent[-RECENT:]
 
     def _finish(self, item: Planned, result: JudgedImage) -> None:

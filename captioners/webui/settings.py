@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from captioners.cli import DEFAULT_MODEL
+from captioners.paths import DEFAULT_MODEL
 from captioners.options import DecodingOptions
 from captioners.service import AFTER_USE, MAX_IMAGE_MPIXELS, MAX_REQUEST_MPIXELS, Settings
 

@@ -1,29 +1,17 @@
-"""Command line: python -m captioners caption | batch | models | download | convert | ui.
-
-Errors meant for users are a short message on stderr (no traceback unless --debug) and exit status 2.
-"""
-
+"""Options shared by the subcommands: models, decoding, judging, logging, and loading the --model(s)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from captioners.display import display_path, json_bytes
 from captioners.errors import CaptionerError
+from captioners.paths import DEFAULT_MODEL
 
 log = logging.getLogger("captioners")
-
-DEFAULT_MODEL = "clip-prefix-flickr8k-gradient"
-
-DESCRIPTION = ("Image captioners (CLIP-prefix / ClipCap, SBG, FuseCap). Commands: caption (print captions), "
-               "batch (caption folders into caption files), models (list models and their files), download "
-               "(fetch a model's files), convert (.pt to .safetensors), ui (the Captioners tab as a web app).")
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
@@ -160,199 +148,9 @@ def load_captioners_from_args(args: argparse.Namespace, judging: Any = None) -> 
     return [captioner.load(args.device, args.dtype) for captioner in captioners]
 
 
-def load_captioner_from_args(args: argparse.Namespace):
-    return load_captioners_from_args(args)[0]
-
-
 def one_line(text: str) -> str:
     """Tabs and line breaks would break the path<TAB>caption format."""
     return " ".join(text.replace("\t", " ").splitlines())
-
-
-# ---- caption --------------------------------------------------------------------------------------
-def cmd_caption(args: argparse.Namespace) -> int:
-    from captioners.images import load_image
-    from captioners.options import checked_number
-
-    options = decoding_options(args)
-    judging = judging_options(args)
-    batch_size = checked_number("batch_size", args.batch_size)
-    paths, failures = caption_inputs(args.inputs, args.recursive)
-    for path, reason in failures:
-        print(f"error: {display_path(path)}: {reason}", file=sys.stderr)
-    if not paths:  # nothing to caption: say so before spending a model load on it
-        hint = "" if args.recursive else " (sub-folders are searched only with -r/--recursive)"
-        raise CaptionerError(f"No images to caption in {', '.join(map(display_path, args.inputs))}{hint}.")
-    judge = make_judge(load_captioners_from_args(args, judging), options, judging)
-    for start in range(0, len(paths), batch_size):
-        chunk, images = [], []
-        for path in paths[start:start + batch_size]:
-            try:
-                images.append(load_image(path))
-                chunk.append(path)
-            except CaptionerError as exc:
-                failures.append((path, str(exc)))
-                print(f"error: {exc}", file=sys.stderr)
-        if images:
-            for path, result in zip(chunk, judge.judge_images(images)):
-                print_judged(path, result, ",".join(judge.model_ids), args.jsonl)
-    return 1 if failures else 0
-
-
-def make_judge(captioners: list, options: Any, judging: Any):
-    """The Judge of a caption run, with its token counters and scoring CLIP loaded."""
-    from captioners.batch.shaping import clip_token_counter
-    from captioners.judging.judge import Judge
-
-    count_t5 = None
-    if judging.t5_max_tokens:
-        from captioners.judging.budgets import t5_token_counter
-
-        count_t5 = t5_token_counter(captioners[0].models_dir)
-    judge = Judge(captioners, options, judging, count_tokens=clip_token_counter() if judging.max_tokens else None,
-                  count_t5_tokens=count_t5)
-    return judge.load(captioners[0].device, captioners[0].dtype)
-
-
-def print_judged(path: Path, result: Any, model: str, as_json: bool) -> None:
-    """path<TAB>caption (a line per caption; <TAB>score with --score), and a "flagged:" line on stderr
-    per quality gate a caption failed; or one JSON object per image."""
-    if as_json:
-        record = {"path": str(path), "caption": result.caption, "model": result.models[0] if result.models else model}
-        if len(result.captions) > 1 or result.score is not None or result.flag_codes:
-            record.update(result.to_dict())
-            record["clip_score"] = result.score
-        print(json_bytes(record).decode("utf-8"), flush=True)
-    else:
-        if not result.skipped:
-            for caption, score in zip(result.captions, result.scores):
-                tail = f"\t{score:.4f}" if score is not None else ""
-                print(f"{display_path(path)}\t{one_line(caption)}{tail}", flush=True)
-    for flag in (result.flags[0] if result.flags else []):
-        action = " (skipped)" if result.skipped else " (retried)" if result.retried else ""
-        print(f"flagged: {display_path(path)}: {flag.code}: {flag.message}{action}", file=sys.stderr)
-
-
-def caption_inputs(inputs: Sequence[str], recursive: bool) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """The images to caption, and the named inputs that cannot be (missing, a folder... not an image),
-    each checked from its header: no model is loaded for inputs that would all fail."""
-    from captioners.images import check_image_file, iter_image_files
-
-    paths, failures = [], []
-    for path in iter_image_files(inputs, recursive=recursive):
-        reason = check_image_file(path)
-        if reason:
-            failures.append((path, reason))
-        else:
-            paths.append(path)
-    return paths, failures
-
-
-def add_caption_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("caption", help="caption images and print path<TAB>caption",
-                            description="Caption images and print path<TAB>caption per image (nothing is written).")
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
-    parser.add_argument("--recursive", "-r", action="store_true", help="look into sub-folders")
-    parser.add_argument("--batch-size", type=int, default=8, help="images captioned together (default 8)")
-    parser.add_argument("--jsonl", action="store_true", help="print one JSON object per image")
-    add_model_options(parser)
-    add_decoding_options(parser)
-    add_judging_options(parser)
-    add_common(parser)
-    parser.set_defaults(func=cmd_caption)
-
-
-# ---- models / download / convert --------------------------------------------------------------
-def cmd_models(args: argparse.Namespace) -> int:
-    from captioners.paths import resolve_models_dir
-    from captioners.registry import model_rows
-
-    models_dir = resolve_models_dir(args.models_dir)
-    rows = [row.to_dict() for row in model_rows(models_dir)]
-    if args.json:
-        print(json.dumps({"models_dir": str(models_dir), "models": rows}, indent=2))
-        return 0
-    print(f"models folder: {models_dir}")
-    for row in rows:
-        print(f"\n{row['id']}  [{row['family']}, {row['origin']}]  {'ready' if row['ready'] else 'missing files'}")
-        print(f"    {row['description']}")
-        for f in row["files"]:
-            mark = "ok " if f["present"] else "-- "
-            print(f"    {mark}{f['path']}" + ("" if f["present"] else f"\n         from {f['source']}"))
-    return 0
-
-
-def cmd_download(args: argparse.Namespace) -> int:
-    from captioners.paths import resolve_models_dir
-    from captioners.registry import FAMILIES, get_spec
-    from captioners.weights import ensure_assets
-
-    models_dir = resolve_models_dir(args.models_dir)
-    for model_id in args.models:
-        spec = get_spec(model_id, models_dir)
-        for path in ensure_assets(FAMILIES[spec.family].assets(spec), models_dir, model=model_id):
-            print(f"{model_id}: {display_path(path)}")
-    return 0
-
-
-def cmd_convert(args: argparse.Namespace) -> int:
-    from captioners.families.clipcap_modules import LEGACY_BUFFER
-    from captioners.weights import deduplicate_shared, load_state_dict, save_safetensors
-
-    for name in args.files:
-        source = Path(name)
-        if source.suffix == ".safetensors":
-            raise CaptionerError(f"{source} is already a .safetensors file.")
-        state = load_state_dict(source)
-        state = {k: v for k, v in state.items() if not LEGACY_BUFFER.match(k)}
-        target = source.with_suffix(".safetensors")
-        save_safetensors(deduplicate_shared(state, drop=("gpt.lm_head.weight", "lm_head.weight")), target)
-        print(f"{source} -> {target}")
-    return 0
-
-
-def add_info_parsers(sub: argparse._SubParsersAction) -> None:
-    text = "list model ids, where their files go and whether they are present"
-    parser = sub.add_parser("models", help=text, description=text[0].upper() + text[1:] + ".")
-    parser.add_argument("--json", action="store_true", help="print the listing as JSON")
-    add_common(parser)
-    parser.set_defaults(func=cmd_models)
-
-    text = "download every file of one or more models into the models folder (then they run offline)"
-    parser = sub.add_parser("download", help=text, description=text[0].upper() + text[1:] + ".")
-    parser.add_argument("models", nargs="+", metavar="MODEL_ID", help="model ids, as the models command lists them")
-    add_common(parser)
-    parser.set_defaults(func=cmd_download)
-
-    text = "convert .pt checkpoints to .safetensors beside them (read safely; the copy is used from then on)"
-    parser = sub.add_parser("convert", help=text, description=text[0].upper() + text[1:] + ".")
-    parser.add_argument("files", nargs="+", metavar="FILE.pt", help="checkpoints to convert")
-    add_common(parser)
-    parser.set_defaults(func=cmd_convert)
-
-
-def add_batch_parser(sub: argparse._SubParsersAction) -> None:
-    from captioners.batch.command import add_batch_parser as add  # the batch engine's own options
-
-    add(sub)
-
-
-def add_ui_parser(sub: argparse._SubParsersAction) -> None:
-    from captioners.app import add_ui_parser as add
-
-    add(sub)
-
-
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_caption_parser, add_batch_parser,
-                                                                    add_info_parsers, add_ui_parser]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m captioners", description=DESCRIPTION)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for add in SUBCOMMANDS:
-        add(sub)
-    return parser
 
 
 def setup_logging(debug: bool, quiet: bool) -> None:
@@ -366,18 +164,3 @@ def setup_logging(debug: bool, quiet: bool) -> None:
             os.environ.setdefault(variable, "error")
         for noisy in ("transformers", "huggingface_hub", "open_clip", "timm"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.debug, args.quiet)
-    try:
-        return args.func(args)
-    except CaptionerError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130

@@ -17,14 +17,14 @@ from typing import Any
 
 from captioners.batch.job import BatchJob, ExistingPolicy, Loader, TriggerMode
 from captioners.batch.report import BatchSummary, Progress
+from captioners.cli.options import (add_common, add_decoding_options, add_judging_options, add_model_options,
+                                    decoding_options, load_captioners_from_args, one_line)
 from captioners.display import display_path, json_bytes
 
 SHOWN_CHANGES = 20  # dry run: changes printed (all of them with --json)
 
 
-def add_batch_parser(sub: argparse._SubParsersAction) -> None:
-    from captioners import cli
-
+def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("batch", help="caption folders into <stem>.txt files (training sets)",
                             description="Caption folders into <stem>.txt caption files beside the images (or "
                                         "in --output-dir), for training sets. Exit status: 0 finished, 1 every "
@@ -91,16 +91,14 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     out.add_argument("--join", action="store_true",
                      help="several captions per image: one line joined by --separator (default: one per line)")
 
-    cli.add_model_options(parser)
-    cli.add_decoding_options(parser)
-    cli.add_judging_options(parser, budget=False)
-    cli.add_common(parser)
+    add_model_options(parser)
+    add_decoding_options(parser)
+    add_judging_options(parser, budget=False)
+    add_common(parser)
     parser.set_defaults(func=cmd_batch)
 
 
 def job_from_args(args: argparse.Namespace) -> BatchJob:
-    from captioners import cli
-
     shaping = {"prefix": args.prefix, "suffix": args.suffix, "trigger": args.trigger,
                "trigger_mode": args.trigger_mode, "class_words": _split(args.class_words),
                "exclude": _split(args.exclude), "replacements": [list(p) for p in args.replace],
@@ -115,7 +113,7 @@ def job_from_args(args: argparse.Namespace) -> BatchJob:
         "report_html": args.report_html, "join": args.join,
         "judging": {"score": args.score, "score_clip": args.score_clip, "t5_max_tokens": args.t5_max_tokens,
                     "trim_to_budget": args.trim_to_budget, "on_flag": args.on_flag}})
-    job.decoding = cli.decoding_options(args)
+    job.decoding = decoding_options(args)
     return job
 
 
@@ -124,7 +122,6 @@ def _split(values: list[str]) -> list[str]:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from captioners import cli
     from captioners.batch.runner import plan_job, run_batch
     from captioners.errors import CaptionerError
 
@@ -136,7 +133,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(max(1, args.threads))
     plan = plan_job(job)  # bad inputs fail here, before the model is loaded
-    captioners = cli.load_captioners_from_args(args, job.judging)
+    captioners = load_captioners_from_args(args, job.judging)
     stop = StopOnSignal()
     with stop, ProgressBar(disable=args.quiet or args.json) as bar:
         summary = run_batch(captioners, job, on_progress=bar.update, should_stop=stop, plan=plan,
@@ -213,8 +210,6 @@ class ProgressBar:
 
 def print_summary(summary: BatchSummary) -> None:
     """The summary as text; every path on one line whatever its name holds (see captioners.display)."""
-    from captioners.cli import one_line
-
     verb = "would caption" if summary.dry_run else "captioned"
     resumed = f", {summary.resumed} done by an earlier run of this job" if summary.resumed else ""
     print(f"{verb} {summary.captioned}, skipped {summary.skipped} (caption exists){resumed}, failed "
@@ -244,8 +239,6 @@ def print_summary(summary: BatchSummary) -> None:
 
 def print_judging(summary: BatchSummary) -> None:
     """CLIPScores of the run and the quality gates: counts per gate, then the flagged captions."""
-    from captioners.cli import one_line
-
     if summary.clip_score:
         s = summary.clip_score
         low = (f"; low_score at or below {summary.low_score_threshold:.3f}"
