@@ -2,7 +2,7 @@
 # Create or update a virtual environment with the package; print its path.
 #
 #   tools/setup.sh run        the package alone, in .venv (what tools/run.sh uses)
-#   tools/setup.sh current    the package and its test tools, current releases, in .venv
+#   tools/setup.sh current    the package, its test tools and Ray, current releases, in .venv
 #   tools/setup.sh a1111      the same with A1111 1.10's pins (tools/pins/a1111.txt), in .venv-a1111
 #   tools/setup.sh forge      the same with Forge's pins (tools/pins/forge.txt), in .venv-forge
 #   tools/setup.sh forge-neo  the same with Forge Neo's pins (tools/pins/forge-neo.txt), in .venv-forge-neo
@@ -50,7 +50,8 @@ install() {
 
 case "$mode" in
   run) extras="" ;;
-  current|*) extras="[test]" ;;
+  current) extras="[test,ray]" ;;  # Ray (the distributed engine) is tested with current releases only
+  *) extras="[test]" ;;
 esac
 
 base="${CAPTIONERS_VENV:-$root/.venv}"

@@ -18,7 +18,9 @@ from typing import Any
 from captioners.batch.job import BatchJob, ExistingPolicy, Loader, TriggerMode
 from captioners.batch.report import BatchSummary, Progress
 from captioners.cli.options import (add_common, add_decoding_options, add_judging_options, add_model_options,
-                                    decoding_options, load_captioners_from_args, one_line)
+                                    captioners_from_args, decoding_options, load_captioners_from_args, model_ids,
+                                    model_overrides, one_line)
+from captioners.errors import CaptionerError
 from captioners.display import display_path, json_bytes
 
 SHOWN_CHANGES = 20  # dry run: changes printed (all of them with --json)
@@ -68,13 +70,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     speed = parser.add_argument_group("speed")
     speed.add_argument("--batch-size", type=int, default=8, help="images captioned together (default 8)")
-    speed.add_argument("--workers", type=int, default=2, help="image decoding workers (0: main thread)")
+    speed.add_argument("--workers", type=int, help="local engine: image decoding workers (0: main thread; "
+                                                    "default 2); Ray engine: captioning workers (default 1)")
     speed.add_argument("--loader", choices=[m.value for m in Loader], default="threads",
                        help="run the decoding workers as threads (default) or processes")
     speed.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 can be "
                                                    "much faster on a busy machine)")
     speed.add_argument("--fast-decode", action="store_true",
                        help="decode JPEGs at reduced size (faster on large photos; pixels differ slightly)")
+
+    distributed = parser.add_argument_group("engine (Ray: pip install 'ray[data]'; see README 'More than one machine')")
+    distributed.add_argument("--engine", choices=("local", "ray"), default="local",
+                             help="caption in this process (default) or on a Ray cluster, same captions and files")
+    distributed.add_argument("--ray-address", metavar="ADDRESS",
+                             help="Ray cluster to join: auto (the one this machine belongs to) or ray://HOST:PORT "
+                                  "(default: start a local one)")
+    distributed.add_argument("--gpus-per-worker", type=float, metavar="F",
+                             help="GPUs per captioning worker, fractions share one (default: 1 when the cluster "
+                                  "has GPUs, else 0)")
+    distributed.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="F",
+                             help="CPUs reserved per captioning worker (default 1)")
+    distributed.add_argument("--table-dir", metavar="DIR",
+                             help="result table (one row per image, reruns resume from it; default: a hidden "
+                                  "folder named after the job beside the caption files)")
+    distributed.add_argument("--table-format", choices=("parquet", "jsonl"), default="parquet",
+                             help="result table shards: Parquet (default) or JSON lines")
 
     combined = parser.add_argument_group("combined outputs")
     combined.add_argument("--jsonl", metavar="FILE", help="also write path, caption, model and options per line")
@@ -107,7 +127,8 @@ def job_from_args(args: argparse.Namespace) -> BatchJob:
         "inputs": args.inputs, "recursive": args.recursive, "file_list": args.file_list,
         "output_dir": args.output_dir, "extension": args.extension, "existing": args.existing,
         "separator": args.separator, "dedupe_tags": args.dedupe_tags, "backup": args.backup,
-        "dry_run": args.dry_run, "shaping": shaping, "batch_size": args.batch_size, "workers": args.workers,
+        "dry_run": args.dry_run, "shaping": shaping, "batch_size": args.batch_size,
+        "workers": 2 if args.workers is None or args.engine == "ray" else args.workers,
         "loader": args.loader, "fast_decode": args.fast_decode, "jsonl": args.jsonl, "csv": args.csv,
         "kohya_json": args.kohya_json, "kohya_full_path": args.kohya_full_path, "report": args.report,
         "report_html": args.report_html, "join": args.join,
@@ -123,7 +144,6 @@ def _split(values: list[str]) -> list[str]:
 
 def cmd_batch(args: argparse.Namespace) -> int:
     from captioners.batch.runner import plan_job, run_batch
-    from captioners.errors import CaptionerError
 
     if not args.inputs and not args.file_list:
         raise CaptionerError("Give at least one folder, image or glob pattern (or --file-list).")
@@ -133,17 +153,34 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(max(1, args.threads))
     plan = plan_job(job)  # bad inputs fail here, before the model is loaded
-    captioners = load_captioners_from_args(args, job.judging)
+    engine = ray_engine(args) if args.engine == "ray" else None
+    captioners = captioners_from_args(args, job.judging) if engine else load_captioners_from_args(args, job.judging)
     stop = StopOnSignal()
-    with stop, ProgressBar(disable=args.quiet or args.json) as bar:
+    # The Ray engine shows Ray Data's own progress bars.
+    with stop, ProgressBar(disable=args.quiet or args.json or engine is not None) as bar:
         summary = run_batch(captioners, job, on_progress=bar.update, should_stop=stop, plan=plan,
-                            swap_models=len(captioners) > 1)
+                            swap_models=len(captioners) > 1, engine=engine)
     _reconfigure_stdout()
     if args.json:
         print(json_bytes(summary.to_dict(), indent=2).decode("utf-8"))  # names with bad bytes as \udcXX
     else:
         print_summary(summary)
     return exit_status(summary)
+
+
+def ray_engine(args: argparse.Namespace):
+    from captioners.batch.ray_engine import RayEngine, RaySettings
+    from captioners.batch.steps import ModelRequest
+    from captioners.paths import resolve_models_dir
+
+    if args.workers is not None and args.workers < 1:
+        raise CaptionerError(f"--workers must be 1 or more with --engine ray (got {args.workers}).")
+    settings = RaySettings(address=args.ray_address, workers=args.workers or 1, gpus_per_worker=args.gpus_per_worker,
+                           cpus_per_worker=args.cpus_per_worker, table_dir=args.table_dir,
+                           table_format=args.table_format, progress=not (args.quiet or args.json))
+    request = ModelRequest(tuple(model_ids(args)), str(resolve_models_dir(args.models_dir)), model_overrides(args),
+                           args.device, args.dtype)
+    return RayEngine(settings, request)
 
 
 def exit_status(summary: BatchSummary) -> int:

@@ -127,9 +127,9 @@ def model_ids(args: argparse.Namespace) -> list[str]:
     return ids
 
 
-def load_captioners_from_args(args: argparse.Namespace, judging: Any = None) -> list:
-    """The --model captioner(s), loaded. Every model's files, and those of the scoring CLIP the
-    judging will need, are checked before the first model loads (one error names all missing ones)."""
+def captioners_from_args(args: argparse.Namespace, judging: Any = None) -> list:
+    """The --model captioner(s), not loaded. Every model's files, and those of the scoring CLIP the
+    judging will need, are checked first (one error names all missing ones)."""
     from captioners.judging.judge import planned_scoring_clip
     from captioners.paths import resolve_models_dir
     from captioners.registry import create_captioner
@@ -145,7 +145,12 @@ def load_captioners_from_args(args: argparse.Namespace, judging: Any = None) -> 
         assets += scoring_assets(scoring)
     if len(captioners) > 1 or scoring is not None:
         ensure_assets(assets, models_dir, model=", ".join(c.spec.id for c in captioners))
-    return [captioner.load(args.device, args.dtype) for captioner in captioners]
+    return captioners
+
+
+def load_captioners_from_args(args: argparse.Namespace, judging: Any = None) -> list:
+    """The --model captioner(s), loaded on --device (files checked first, see captioners_from_args)."""
+    return [captioner.load(args.device, args.dtype) for captioner in captioners_from_args(args, judging)]
 
 
 def one_line(text: str) -> str:

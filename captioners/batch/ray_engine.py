@@ -1,0 +1,211 @@
+"""The Ray engine: the batch engine's two steps on a Ray cluster (``batch --engine ray``).
+
+Ray Data runs the job as ``from_items`` (the images left to caption) -> ``map_batches(preprocess)``
+(CPU tasks: path -> the model's input, failures as rows) -> ``map_batches(CaptionWorker)`` (an actor
+pool, the models loaded once per actor, on a GPU when the actor has one) -> this process, which
+appends every batch of rows to the result table (``table.py``) and only then hands the rows to the
+runner, whose writer makes the caption files exactly as for a local run.
+
+Resume: images whose row (made under the same options) is in the table are not captioned again;
+their caption files are written from the table. A killed actor is restarted by Ray and its batch
+retried (``max_restarts``, ``max_task_retries``); the driver only ever writes the rows it receives,
+so each image gets one row per successful captioning.
+
+Ray is optional (``pip install -e ".[ray]"``); nothing here imports it until a run starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from captioners.base import Captioner
+from captioners.batch.discovery import Planned
+from captioners.batch.job import BatchJob
+from captioners.batch.journal import job_key, journal_folder
+from captioners.batch.judged import RunJudgement
+from captioners.batch.local_engine import Outcome
+from captioners.batch.steps import CaptionStep, ModelRequest, PreprocessStep, judged_from_row
+from captioners.batch.table import ResultTable, arrow_schema
+from captioners.errors import CaptionerError
+from captioners.judging.judge import Judge, MultiPreprocess
+
+log = logging.getLogger(__name__)
+
+RETRIES = -1  # restarts of a killed actor, retries of its batch: unbounded, as long jobs need
+
+
+@dataclass
+class RaySettings:
+    address: str | None = None          # None: a local cluster; "auto" or "ray://host:port": an existing one
+    workers: int = 1                    # captioning actors
+    gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0; fractions share a GPU
+    cpus_per_worker: float = 1.0
+    table_dir: str | None = None        # None: a hidden folder named after the job, beside the run journal
+    table_format: str = "parquet"
+    progress: bool = True               # Ray Data's progress bars
+    init_args: dict[str, Any] = field(default_factory=dict)  # extra ray.init arguments (tests: num_cpus)
+
+
+def table_folder(settings: RaySettings, job: BatchJob, model_id: str, options: dict[str, Any]) -> Path:
+    if settings.table_dir:
+        return Path(settings.table_dir).expanduser()
+    return journal_folder(job) / f".captioners-table-{job_key(job, model_id, options)}"
+
+
+class RayEngine:
+    name = "ray"
+
+    def __init__(self, settings: RaySettings, request: ModelRequest):
+        self.settings, self.request = settings, request
+
+    def caption(self, todo: Sequence[Planned], captioners: Sequence[Captioner], job: BatchJob,
+                judgement: RunJudgement, model_id: str, key: str) -> Iterator[list[Outcome]]:
+        options = captioners[0].decoding_options(job.decoding).to_dict()
+        table = None if job.dry_run else ResultTable(table_folder(self.settings, job, model_id, options),
+                                                     self.settings.table_format)
+        done = table.rows(key) if table is not None else {}
+        position = {item.id: i for i, item in enumerate(todo)}
+        finished = [(position[item.id], judged_from_row(done[item.id])) for item in todo
+                    if item.id in done and not done[item.id].get("error")]
+        for start in range(0, len(finished), job.batch_size):  # captioned by an earlier run: written from the table
+            yield finished[start:start + job.batch_size]
+        taken = {i for i, _ in finished}
+        rest = [item for i, item in enumerate(todo) if i not in taken]
+        if not rest:
+            return
+        ray = _import_ray()
+        started = _connect(ray, self.settings)
+        try:
+            for rows in self._rows(ray, rest, captioners, job, model_id, key):
+                if table is not None:
+                    table.append(rows)  # first the table: a run killed after this resumes from it
+                yield [(position[row["id"]], judged_from_row(row)) for row in rows]
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _rows(self, ray: Any, items: list[Planned], captioners: Sequence[Captioner], job: BatchJob,
+              model_id: str, key: str) -> Iterator[list[dict[str, Any]]]:
+        preprocess, slots = driver_preprocessing(captioners, job)
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = self.settings.progress
+        records = [{"id": item.id, "path": str(item.image)} for item in items]
+        blocks = max(1, min(len(records), math.ceil(len(records) / job.batch_size)))
+        dataset = ray.data.from_items(records, override_num_blocks=blocks)
+        dataset = dataset.map_batches(preprocess_batch, fn_kwargs={"step": preprocess, "slots": slots},
+                                      batch_size=job.batch_size, batch_format="pyarrow", num_cpus=1)
+        gpus = self._gpus_per_worker(ray)
+        dataset = dataset.map_batches(
+            CaptionWorker, fn_constructor_kwargs={"request": self._worker_request(gpus), "job": job,
+                                                  "model_id": model_id, "key": key, "slots": slots},
+            batch_size=job.batch_size, batch_format="pyarrow", concurrency=max(1, self.settings.workers),
+            num_gpus=gpus, num_cpus=self.settings.cpus_per_worker,
+            max_restarts=RETRIES, max_task_retries=RETRIES)
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            yield batch.to_pylist()
+
+    def _gpus_per_worker(self, ray: Any) -> float:
+        if self.settings.gpus_per_worker is not None:
+            return float(self.settings.gpus_per_worker)
+        return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+    def _worker_request(self, gpus: float) -> ModelRequest:
+        """A worker without a GPU share must not reach for one the WebUI or another actor holds."""
+        if gpus == 0 and self.request.device == "auto":
+            return ModelRequest(self.request.models, self.request.models_dir, self.request.overrides, "cpu",
+                                self.request.dtype)
+        return self.request
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise CaptionerError("The Ray engine needs Ray Data: pip install 'ray[data]' (or this package with the "
+                             "[ray] extra), then rerun; or use --engine local.") from exc
+    return ray
+
+
+def _connect(ray: Any, settings: RaySettings) -> bool:
+    """Join the cluster (or start a local one); True when this run started it and so stops it."""
+    if ray.is_initialized():
+        return False
+    try:
+        # Workers' log lines go to this console too, unless the summary is all it should print (--json, --quiet).
+        ray.init(address=settings.address or None, include_dashboard=False, log_to_driver=settings.progress,
+                 **settings.init_args)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise CaptionerError(f"Cannot reach the Ray cluster at {settings.address}: {exc}. Start one with "
+                             "'ray start --head', or leave out --ray-address for a local one.") from exc
+    return True
+
+
+def driver_preprocessing(captioners: Sequence[Captioner], job: BatchJob) -> tuple[PreprocessStep, int]:
+    """The preprocessing the CPU tasks run, taken from the models loaded here on the CPU once (which
+    also checks their files before the cluster starts working), and how many tensors it makes."""
+    for captioner in captioners:
+        if not captioner.loaded:
+            captioner.load("cpu", torch.float32)
+    judge = Judge(captioners, job.decoding, job.judging).load(torch.device("cpu"), torch.float32)
+    function = judge.preprocessor()
+    slots = len(function.functions) if isinstance(function, MultiPreprocess) else 1
+    min_side = captioners[0].image_size if job.fast_decode else None
+    if not (job.report or job.report_html):  # the report's near-duplicates use the text encoder here
+        for captioner in captioners:
+            captioner.unload()
+    return PreprocessStep(function, min_side), slots
+
+
+def preprocess_batch(batch: Any, step: PreprocessStep, slots: int) -> Any:
+    """A CPU task: rows of id, path -> the same with the model's input as float32 bytes, or an error."""
+    import pyarrow as pa
+
+    out: dict[str, list[Any]] = {"id": [], "path": [], "error": []}
+    for k in range(slots):
+        out[f"pixels_{k}"], out[f"shape_{k}"] = [], []
+    for image_id, path in zip(batch.column("id").to_pylist(), batch.column("path").to_pylist()):
+        result = step(path)
+        parts = (result,) if isinstance(result, torch.Tensor) else result
+        out["id"].append(image_id)
+        out["path"].append(path)
+        out["error"].append(result if isinstance(result, str) else None)
+        for k in range(slots):
+            tensor = None if isinstance(result, str) else parts[k].to(torch.float32).contiguous()
+            out[f"pixels_{k}"].append(None if tensor is None else tensor.numpy().tobytes())
+            out[f"shape_{k}"].append(None if tensor is None else list(tensor.shape))
+    return pa.table(out)
+
+
+class CaptionWorker:
+    """A Ray actor: loads the job's models once, then captions batches into table rows."""
+
+    def __init__(self, request: ModelRequest, job: BatchJob, model_id: str, key: str, slots: int):
+        captioners = [captioner.load(request.device, request.dtype) for captioner in request.captioners()]
+        judgement = RunJudgement(captioners, job, swap_models=len(captioners) > 1)
+        self.step = CaptionStep(judgement.start(), model_id, key)
+        self.slots = slots
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        rows = batch.to_pylist()
+        errors = [row["error"] for row in rows]
+        good = [row for row in rows if not row["error"]]
+        pixels = None
+        if good:
+            stacked = [torch.stack([_tensor(row[f"pixels_{k}"], row[f"shape_{k}"]) for row in good])
+                       for k in range(self.slots)]
+            pixels = stacked[0] if self.slots == 1 else tuple(stacked)
+        table_rows = self.step.rows([row["id"] for row in rows], [row["path"] for row in rows], pixels, errors)
+        return pa.Table.from_pylist(table_rows, schema=arrow_schema())
+
+
+def _tensor(data: bytes, shape: list[int]) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(shape)
