@@ -21,8 +21,8 @@ from PIL import Image
 
 from captioners.base import Captioner, ModelSpec
 from captioners.devices import free_memory, resolve_device
-from captioners.errors import CaptionerError, TooLargeError
-from captioners.images import EncodedImage
+from captioners.errors import CaptionerError, ImageLoadError, MissingWeightsError, TooLargeError
+from captioners.images import OPEN_ERRORS, EncodedImage, open_failure
 from captioners.options import DecodingOptions
 
 if TYPE_CHECKING:  # the registry imports transformers: loaded at first use, not with the WebUI
@@ -54,6 +54,8 @@ class Settings:
     max_image_mpixels: float = MAX_IMAGE_MPIXELS      # encoded images (the API): per image
     max_request_mpixels: float = MAX_REQUEST_MPIXELS  # and all images of one request together
     score_clip: str | None = None   # CLIP scoring captions of models without their own (None: ViT-L-14:openai)
+    after_batch: str | None = None  # after a batch (one of AFTER_USE); None: as after_use
+    idle_unload_s: float = 0.0      # a kept or offloaded model is unloaded after this long unused (0: never)
 
 
 class Host:
@@ -99,6 +101,9 @@ class CaptionService:
         self._state_lock = threading.RLock()  # guards _captioner and _stops
         self._stops: set[threading.Event] = set()
         self._scorer: Any = None  # the last scoring CLIP (captioners.judging.scoring.ScoringClip), kept loaded
+        # Unloading an idle model: the timer armed after the last job, and when that job ended.
+        self._idle_timer: threading.Timer | None = None
+        self._last_used = time.monotonic()
 
     # ---- models ---------------------------------------------------------------------------------
     def settings(self) -> Settings:
@@ -139,7 +144,8 @@ class CaptionService:
                 yield f"{number}/{len(assets)} present: {where}"
                 continue
             yield f"{number}/{len(assets)} downloading {asset.source()} -> {where}"
-            ensure_assets([asset], models_dir, model=spec.id)
+            with _for_ui():
+                ensure_assets([asset], models_dir, model=spec.id)
             yield f"{number}/{len(assets)} done: {where}"
 
     # ---- captioning -----------------------------------------------------------------------------
@@ -151,10 +157,11 @@ class CaptionService:
             raise CaptionerError("No image given.")
         settings = self.settings()
         check_pixel_limits(images, settings)
+        check_decoded(images)
         spec = self.spec(model)
         decoding = _as_options(options).merged(settings.decoding)
         device = self.host.device(settings.device)
-        with self.host.job("captioners", device):
+        with _for_ui(), self.host.job("captioners", device):
             with self._use(spec, settings, device) as captioner:
                 self.host.report(0, len(images), f"Captioning {len(images)} image(s) with {spec.id}")
                 captions = captioner.caption(list(images), decoding)
@@ -175,12 +182,13 @@ class CaptionService:
             raise CaptionerError("No image given.")
         settings = self.settings()
         check_pixel_limits(images, settings)
+        check_decoded(images)
         judging = _with_default_score_clip(
             judging if isinstance(judging, JudgingOptions) else JudgingOptions.from_mapping(judging), settings)
         specs = [self.spec(m) for m in _model_list(model)]
         decoding = _as_options(options).merged(settings.decoding)
         device = self.host.device(settings.device)
-        with self.host.job("captioners", device):
+        with _for_ui(), self.host.job("captioners", device):
             with self._use_many(specs, settings, device) as captioners:
                 counter = clip_token_counter() if judging.max_tokens else None
                 count_t5 = self._t5_counter(judging, settings)
@@ -211,6 +219,9 @@ class CaptionService:
             job = BatchJob.from_mapping(job)
         check_inputs([*job.inputs, *([job.file_list] if getattr(job, "file_list", None) else [])])
         settings = self.settings()
+        swap_models = settings.after_use != "keep"  # several models take turns on the device
+        if settings.after_batch:  # a dataset job: what comes next (training) wants the memory back
+            settings = replace(settings, after_use=settings.after_batch)
         specs = [self.spec(m) for m in _model_list(model)]
         job = _with_default_decoding(job, settings.decoding)
         job = replace(job, judging=_with_default_score_clip(job.judging, settings))
@@ -227,11 +238,11 @@ class CaptionService:
                 on_progress(update)
 
         try:
-            with self.host.job("captioners batch", device):
+            with _for_ui(), self.host.job("captioners batch", device):
                 with self._use_many(specs, settings, device) as captioners:
                     return run_batch(captioners, job, on_progress=progress, plan=plan,
                                      should_stop=lambda: stop.is_set() or self.host.stop_requested(),
-                                     swap_models=len(captioners) > 1 and settings.after_use != "keep")
+                                     swap_models=len(captioners) > 1 and swap_models)
         finally:
             with self._state_lock:
                 self._stops.discard(stop)
@@ -245,15 +256,54 @@ class CaptionService:
 
     def unload(self) -> str | None:
         """Free the loaded model (under the host's lock, so never in the middle of a job)."""
+        self._cancel_idle_timer()
         with self.host.exclusive():
-            with self._state_lock:
-                captioner, self._captioner = self._captioner, None
-            if captioner is None or not captioner.loaded:
-                return None
+            return self._unload_now()
+
+    def _unload_now(self) -> str | None:
+        """:meth:`unload` for a caller that holds the host's lock."""
+        with self._state_lock:
+            captioner, self._captioner = self._captioner, None
+        self._release_scorer()
+        if captioner is None or not captioner.loaded:
+            return None
+        captioner.unload()
+        log.info("Unloaded %s", captioner.spec.id)
+        return captioner.spec.id
+
+    def _release_scorer(self) -> None:
+        if self._scorer is not None:
             self._scorer = None
-            captioner.unload()
-            log.info("Unloaded %s", captioner.spec.id)
-            return captioner.spec.id
+            free_memory()
+
+    # ---- unloading an idle model ----------------------------------------------------------------
+    def _arm_idle_timer(self, idle_s: float) -> None:
+        """After a job that leaves a model in memory: unload it once ``idle_s`` pass without another job."""
+        self._cancel_idle_timer()
+        self._last_used = time.monotonic()
+        if idle_s <= 0:
+            return
+        timer = threading.Timer(idle_s, self._unload_if_idle, args=(self._last_used, idle_s))
+        timer.daemon = True  # never keeps a stopping WebUI alive
+        timer.name = "captioners-idle-unload"
+        with self._state_lock:
+            self._idle_timer = timer
+        timer.start()
+
+    def _cancel_idle_timer(self) -> None:
+        with self._state_lock:
+            timer, self._idle_timer = self._idle_timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _unload_if_idle(self, armed_at: float, idle_s: float) -> None:
+        """The timer's end. It waits for the host's lock (a generation may be running); a job that
+        ran meanwhile re-armed the timer, and then this one leaves the model alone."""
+        with self.host.exclusive():
+            if self._last_used != armed_at:
+                return
+            log.info("Captioners: no job for %.0f min: unloading the model", idle_s / 60)
+            self._unload_now()
 
     # ---- internals ------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -263,16 +313,17 @@ class CaptionService:
         Any unexpected exception (out of memory included) unloads it: a failed job must not leave VRAM
         held. A CaptionerError (bad input) leaves it as Settings say.
         """
+        self._cancel_idle_timer()
         captioner = self._acquire(spec, settings, device)
         try:
             yield captioner
         except CaptionerError:  # a user's mistake (e.g. a damaged image): the model itself is fine
-            self._after_use(settings.after_use)
+            self._after_use(settings)
             raise
         except BaseException:
             self._drop()
             raise
-        self._after_use(settings.after_use)
+        self._after_use(settings)
 
     @contextlib.contextmanager
     def _use_many(self, specs: Sequence[ModelSpec], settings: Settings, device: torch.device
@@ -322,18 +373,22 @@ class CaptionService:
             self._captioner = captioner
         return captioner
 
-    def _after_use(self, after_use: str) -> None:
+    def _after_use(self, settings: Settings) -> None:
         with self._state_lock:
             captioner = self._captioner
         if captioner is None or not captioner.loaded:
             return
-        if after_use == "unload":
+        if settings.after_use == "unload":
             self._drop()
-        elif after_use == "offload" and captioner.device.type != "cpu":
+            self._release_scorer()
+            return
+        if settings.after_use == "offload" and captioner.device.type != "cpu":
             try:
                 captioner.to("cpu")
             except CaptionerError:  # a family that cannot move: free it instead
                 self._drop()
+                return
+        self._arm_idle_timer(settings.idle_unload_s)  # kept or offloaded: freed once unused a while
 
     def _drop(self) -> None:
         with self._state_lock:
@@ -343,11 +398,17 @@ class CaptionService:
         free_memory()
 
 
+LATEST_CAPTIONS = 8  # captions a UI shows of a batch: the latest ones
+
+
 class BatchHandle:
     """A batch running in a background thread, polled by a UI (which must not block on it)."""
 
     def __init__(self, service: CaptionService, job: Any, model: str | None = None):
         self.progress: Any = None
+        # (image, caption) of the latest captions, oldest first: each progress update brings those of
+        # the images done since the one before.
+        self.latest: list[tuple[str, str]] = []
         self.summary: Any = None
         self.error: BaseException | None = None
         self.started = time.monotonic()
@@ -368,7 +429,30 @@ class BatchHandle:
             self.done.set()
 
     def _on_progress(self, progress: Any) -> None:
+        self.latest = [*self.latest, *(getattr(progress, "recent", None) or [])][-LATEST_CAPTIONS:]
         self.progress = progress
+
+
+@contextlib.contextmanager
+def _for_ui() -> Iterator[None]:
+    """The service serves the tab, the img2img button and the API, never the command line: a missing
+    file's message names the tab's fields (Models > Local files), not options like --clip-weights."""
+    try:
+        yield
+    except MissingWeightsError as exc:
+        raise exc.for_ui() from None
+
+
+def check_decoded(images: Sequence[Any]) -> None:
+    """Decode PIL images now (a page's upload may be opened lazily from memory): a damaged one is an
+    ImageLoadError naming it, not Pillow's "cannot identify image file <_io.BytesIO object at ...>"."""
+    pil = [image for image in images if isinstance(image, Image.Image)]
+    for number, image in enumerate(pil, 1):
+        try:
+            image.load()
+        except OPEN_ERRORS as exc:
+            which = "The image" if len(pil) == 1 else f"Image {number} of {len(pil)}"
+            raise ImageLoadError(f"{which} cannot be read: {open_failure(exc)}.") from None
 
 
 def check_inputs(inputs: Sequence[Any]) -> None:

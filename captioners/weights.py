@@ -10,6 +10,7 @@ plain-data unpickler. Whatever is wrong with a file becomes a one-line Captioner
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import logging
@@ -139,7 +140,8 @@ def ensure_assets(assets: list[Asset], models_dir: Path, download: bool = True, 
                 reasons[asset] = _download_failure(exc, asset)
     still = [asset for asset in missing if not asset.is_present(models_dir)]
     if still:
-        raise MissingWeightsError(_missing_message(still, models_dir, reasons, model))
+        raise MissingWeightsError(_missing_message(still, models_dir, reasons, model),
+                                  _missing_message_for_ui(still, models_dir, reasons, model))
     return [asset.locate(models_dir) for asset in assets]
 
 
@@ -158,6 +160,41 @@ def _missing_message(assets: list[Asset], models_dir: Path, reasons: dict[Asset,
         # A folder's line already names the files it needs.
         lines.append(f"  {asset.describe(models_dir)} <- {asset.source(with_files=not asset.is_dir)} "
                      f"({asset.option}{failed})")
+    return "\n".join(lines)
+
+
+# Where a user of the tab (WebUI or app) points a model at a copy of a file: the counterpart of each
+# command-line option an Asset names. The Local files fields are named after the presets.json keys.
+UI_PLACES = {
+    "--weights": "Models > Local files: weights",
+    "--tokenizer": "Models > Local files: tokenizer",
+    "--clip-weights": "Models > Local files: clip weights",
+    "--clip-config": "Models > Local files: clip config",
+    "--vocabulary": "Models > Local files: vocabulary",
+    "--score-clip": "the Scoring CLIP field under Scores and quality gates (WebUI: also Settings > Captioners)",
+}
+
+
+def _missing_message_for_ui(assets: list[Asset], models_dir: Path, reasons: dict[Asset, str],
+                            model: str | None) -> str:
+    """:func:`_missing_message` for the tab, the img2img button and the API: no command-line options."""
+    whose = f" of {model}" if model else ""
+    files = f"files ({len(assets)})" if len(assets) > 1 else "file"
+    lines = [f"Missing model {files}{whose}. Captioners tab > Models > Download missing files fetches them; "
+             "or put each file where shown, or point the model at a copy you already have (Models > Local files "
+             "for the selected model):"]
+    for asset in assets:
+        place = UI_PLACES.get(asset.option)
+        if not (asset.downloadable() or asset.url):  # a path the user gave
+            where = f" in {place}" if place else ""
+            lines.append(f"  {asset.describe(models_dir)}: not found (check the path given{where} or in presets.json)")
+            continue
+        source = asset.source(with_files=not asset.is_dir)
+        if place:  # a hand-download note may name the option too
+            source = source.replace(asset.option, place)
+        why = f"automatic download failed: {reasons[asset]}" if asset in reasons else ""
+        hint = "; ".join(part for part in (place or "", why) if part)
+        lines.append(f"  {asset.describe(models_dir)} <- {source}" + (f" ({hint})" if hint else ""))
     return "\n".join(lines)
 
 
@@ -354,7 +391,8 @@ def _read_torch_file(path: Path, head: bytes):
 
 def read_checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
     """Name -> shape of a checkpoint's tensors without reading their data (a safetensors header, a
-    torch.save zip's data.pkl), or None when that cannot be learnt cheaply or safely."""
+    torch.save zip's data.pkl, a legacy torch.save pickle's object part), or None when that cannot be
+    learnt cheaply or safely."""
     from captioners.torch_archive import read_tensor_shapes
 
     try:
@@ -363,9 +401,69 @@ def read_checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
 
             with safe_open(str(path), framework="pt") as handle:
                 return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        with open(path, "rb") as handle:
+            if handle.read(1) == b"\x80":  # a pickle, not a zip: torch.save before 1.6 (or told to)
+                return _legacy_shapes(handle)
         return read_tensor_shapes(path)
     except Exception:  # unreadable here means unknown; loading the file reports the real problem
         return None
+
+
+# A legacy torch.save file is four pickles (a magic number, a protocol version, a sys_info dict, the
+# saved object) followed by the storages' bytes. The object pickle names each tensor's size, so its
+# shapes come from the first few KB of a file of any size; the storages are never read.
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+
+
+def _legacy_shapes(handle: io.BufferedReader) -> dict[str, tuple[int, ...]] | None:
+    handle.seek(0)
+    header = [_PlainDataUnpickler(handle).load() for _ in range(3)]
+    if header[0] != _LEGACY_MAGIC or header[1] != _LEGACY_PROTOCOL:
+        return None
+    data = _LegacyShapeUnpickler(handle).load()
+    for key in _WRAPPER_KEYS:
+        if isinstance(data, Mapping) and isinstance(data.get(key), Mapping):
+            data = data[key]
+    if not isinstance(data, Mapping):
+        return None
+    return {str(key): tuple(value) for key, value in data.items() if isinstance(value, _LegacyShape)}
+
+
+class _LegacyShape(tuple):
+    """A tensor's size, standing in for the tensor (no storage is read)."""
+
+
+def _legacy_tensor(_storage: object, _offset: object, size: object, *_rest: object) -> _LegacyShape:
+    if not isinstance(size, tuple) or not all(type(n) is int and n >= 0 for n in size):
+        raise pickle.UnpicklingError(f"bad tensor size {str(size)[:40]}")
+    return _LegacyShape(size)
+
+
+def _parameter_data(data: object, *_rest: object) -> object:
+    return data  # a Parameter is its tensor's shape here
+
+
+class _LegacyShapeUnpickler(pickle._Unpickler):
+    """Reads the object pickle of a legacy torch.save: dicts of tensors become dicts of shapes. Only
+    the globals such a state dict names are known; any other refuses the file (no code runs)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
+            return _legacy_tensor
+        if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
+            return _parameter_data
+        if module == "torch" and name.endswith("Storage") and name.isidentifier():
+            return name  # a storage type: only named, never built
+        if module == "builtins" and name in _PLAIN_TYPES:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+
+    def persistent_load(self, pid: object) -> None:
+        return None  # a storage: its bytes come after this pickle and are not needed for shapes
 
 
 @contextlib.contextmanager

@@ -8,3 +8,19 @@ function captioners_img2img_args() {
     args[0] = typeof get_tab_index === "function" ? get_tab_index("mode_img2img") : 0;
     return args;
 }
+
+// Settings > Captioners > Model changed (Apply settings): the tab's model dropdowns follow it, through
+// the tab's hidden button (the server then reads the new Settings). The WebUI runs onOptionsChanged
+// callbacks when its options first arrive and after every save; only a change of the model counts.
+var captioners_settings_model = null;
+
+function captioners_follow_settings() {
+    var model = typeof opts === "object" && opts ? opts.captioners_model : undefined;
+    if (model === undefined) return;
+    var changed = captioners_settings_model !== null && model !== captioners_settings_model;
+    captioners_settings_model = model;
+    var button = changed ? gradioApp().getElementById("captioners_follow_settings") : null;
+    if (button) button.click();
+}
+
+if (typeof onOptionsChanged === "function") onOptionsChanged(captioners_follow_settings);

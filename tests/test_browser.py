@@ -178,7 +178,10 @@ def test_batch_shows_progress_and_summary_then_interrupts_a_second_one(page, pho
     progress = page.locator("#captioners_batch_progress").first
     expect(progress).to_contain_text(f"{len(photos)}/{len(photos)}")
     expect(progress).to_contain_text("images/s")
-    expect(page.locator("#captioners_batch_previews").first).to_contain_text(photos[0].name)
+    previews = page.locator("#captioners_batch_previews").first
+    expect(previews).to_contain_text(photos[-1].name)  # the latest captions, not the first ones
+    expect(previews).not_to_contain_text(photos[0].name)
+    expect(progress).not_to_contain_text("ETA")  # the batch has ended
     expect(page.locator("#captioners_batch_failures").first).to_contain_text("No failures.")
     assert sorted(p.stem for p in folder.glob("*.txt")) == sorted(p.stem for p in photos)
 
@@ -188,6 +191,8 @@ def test_batch_shows_progress_and_summary_then_interrupts_a_second_one(page, pho
     page.click("#captioners_batch_interrupt")
     expect(page.locator("#captioners_batch_notice").first).to_contain_text("Interrupt requested")
     expect(summary).to_contain_text("Batch interrupted")
+    expect(progress).to_contain_text("Interrupted at")
+    expect(progress).not_to_contain_text("ETA")  # it kept showing the last one
     written = len(list(big.glob("*.txt")))
     assert 0 < written < 600
     assert not list(big.glob("*.tmp*")), "an interrupted run leaves no partial files"

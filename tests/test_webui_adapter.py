@@ -27,16 +27,6 @@ def load_script():
     return module
 
 
-def setting_component(opts, key):
-    """What the WebUI's settings page does for one option (ui_settings.create_setting_component)."""
-    info = opts.data_labels[key]
-    args = info.component_args() if callable(info.component_args) else info.component_args
-    comp = info.component or {str: gr.Textbox, int: gr.Number, bool: gr.Checkbox}.get(type(info.default))
-    if comp is None:
-        raise AssertionError(f"bad options item type: {type(info.default)} for key {key}")
-    return comp(label=info.label, value=getattr(opts, key), elem_id=f"setting_{key}", **(args or {}))
-
-
 @pytest.fixture()
 def extension(webui):
     script = load_script()
@@ -60,25 +50,44 @@ def test_every_setting_has_a_section_and_a_component(webui, extension):
     assert len(keys) >= 12
     assert set(opts.data_labels) == set(keys), "options must all carry the extension's prefix"
     opts.dumpjson()  # reads section[0] of every option, as the WebUI's settings page does
+    from modules import ui_settings
+
     with gr.Blocks():
         for key in keys:
             info = opts.data_labels[key]
             assert info.section == ("captioners", "Captioners") and info.category_id
             if not isinstance(info.default, (str, int, bool)) or isinstance(info.default, float):
                 assert info.component is not None, f"{key}: floats and lists need an explicit component"
-            component = setting_component(opts, key)
+            component = ui_settings.create_setting_component(key)
             assert component.elem_id == f"setting_{key}"
             # The settings page refuses a saved value whose type differs from the default's.
             assert opts.same_type(getattr(opts, key), info.default)
     model_info = opts.data_labels["captioners_model"]
     assert TINY in model_info.component_args()["choices"] and TINY in model_info.refresh()
     assert webui.script_callbacks.errors == []
-    # The settings page renders labels and hints as HTML: <words> would vanish as a tag.
-    hints = [re.sub(r"<span class='info'>\((.*?)\)</span>", r"\1", opts.data_labels[k].comment_after) for k in keys]
-    texts = [opts.data_labels[k].label for k in keys] + hints
-    assert not [t for t in texts if "<" in t or ">" in t]
+    assert not [k for k in keys if "<" in opts.data_labels[k].label]  # labels are HTML too
     for key in ("captioners_max_image_mpixels", "captioners_max_request_mpixels"):  # the page accepts 0.5
         assert opts.data_labels[key].component_args["step"] < 1
+
+
+def test_every_settings_hint_is_shown_as_written(webui, extension):
+    """The page shows hints as HTML (<words> vanish as a tag), and Forge's gradio 4 page drops the
+    .info() hint of a dropdown: the Device hint was missing there."""
+    from modules import ui_settings
+
+    opts = webui.shared.opts
+    shown = {}
+    with gr.Blocks():
+        for key, option in opts.data_labels.items():
+            component = ui_settings.create_setting_component(key)
+            written = " ".join(filter(None, (
+                re.sub(r"<span class='info'>\((.*?)\)</span>", r"(\1)", option.comment_after).strip(),
+                getattr(component, "info", None))))
+            shown[key] = ui_settings.shown_hint(key, component)
+            assert shown[key] == written, key
+    assert "interrogate device" in shown["captioners_device"]
+    assert "Captioners folder in the WebUI's models folder" in shown["captioners_models_dir"]
+    assert "training" in shown["captioners_unload_after_batch"]
 
 
 @any_host
@@ -88,12 +97,16 @@ def test_settings_are_read_at_each_use(webui, extension, tmp_path):
     assert settings.model == TINY
     assert settings.models_dir == Path(webui.paths.models_path) / "Captioners"
     assert settings.after_use == "offload" and settings.decoding.strategy is None
+    assert settings.after_batch == "unload" and settings.idle_unload_s == 0  # a dataset job frees the GPU
     opts.set("captioners_models_dir", str(tmp_path / "elsewhere"))
     opts.set("captioners_strategy", "beam")
     opts.set("captioners_num_beams", 3.0)  # sliders give floats
     opts.set("captioners_top_p", 0.5)
     opts.set("captioners_seed", 7)
+    opts.set("captioners_unload_after_batch", False)
+    opts.set("captioners_idle_unload_minutes", 2.5)  # a Number gives floats
     settings = extension.service.settings()
+    assert settings.after_batch is None and settings.idle_unload_s == 150
     assert settings.models_dir == tmp_path / "elsewhere"
     assert settings.decoding.to_dict() == {"strategy": "beam", "num_beams": 3, "top_p": 0.5, "seed": 7}
 
@@ -159,10 +172,34 @@ def test_img2img_button_captions_the_open_subtab(webui, extension, photos):
     assert button.run(0, "a photo,", photo, None, None, None, None) == f"a photo, {expected}"
     webui.shared.opts.set("captioners_prompt_mode", "prepend")
     assert button.run("0", "style", photo, None, None, None, None) == f"{expected}, style"
-    with pytest.raises(gr.Error):
-        button.run(5, "", photo, None, None, None, None)  # the Batch sub-tab has no single image
-    with pytest.raises(gr.Error):
-        button.run(1, "", photo, None, None, None, None)  # the sketch sub-tab is empty
+
+
+
+@any_host
+def test_img2img_button_answers_a_users_mistake_in_one_line(webui, extension, photos, caplog):
+    """No image in the open sub-tab, or a model without its files: a warning in the page and one log
+    line, the prompt left alone. (A raised gr.Error made gradio print a 25-line traceback.)"""
+    webui.ui.create_img2img()
+    button = extension.img2img
+    photo = Image.open(photos[0])
+    shown = []
+    import captioners.webui.img2img as img2img
+
+    original = img2img.warn
+    img2img.warn = shown.append
+    try:
+        with caplog.at_level("INFO"):
+            assert button.run(5, "kept", photo, None, None, None, None) == gr.update()  # the Batch sub-tab
+            assert button.run(1, "kept", photo, None, None, None, None) == gr.update()  # an empty sketch
+            webui.shared.opts.set("captioners_model", "clipcap-coco")  # its files are missing
+            assert button.run(0, "kept", photo, None, None, None, None) == gr.update()
+    finally:
+        img2img.warn = original
+    assert shown[0] == shown[1] and "No image in the open img2img tab" in shown[0]
+    assert "coco_weights.pt" in shown[2] and "Local files" in shown[2] and "--weights" not in shown[2]
+    ours = [r for r in caplog.records if r.name.startswith("captioners")]
+    assert len(ours) == 3 and all(r.levelname == "WARNING" and not r.exc_info for r in ours)
+    assert all("\n" not in r.getMessage() for r in ours)
 
 
 def test_free_vram_takes_each_hosts_path(webui):

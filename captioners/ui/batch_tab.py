@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 
 POLICIES = ("skip", "overwrite", "append", "prepend")
 POLL_S = 0.5  # how often the page refreshes a running batch's progress
+NO_INPUTS = ("Nothing to caption: enter a folder (or an image, or a pattern such as /data/*.png) in "
+             "\"Input folders or images\", one per line.")
 
 
 def words(text: str | None) -> list[str]:
@@ -58,23 +60,27 @@ def job_mapping(inputs: str, recursive: bool, output_dir: str, extension: str, e
     }
 
 
+LATEST = ("image", "latest captions")
+
+
 def batch_updates(handle: BatchHandle | None, model: str, message: str = "") -> tuple[str, str, str, str, str]:
-    """(progress, captions so far / first captions, failures, summary, report) for the page."""
+    """(progress, latest captions / dry-run changes, failures, summary, report) for the page."""
     if handle is None:
         return render.error_html(message), "", "", "", ""
     if not handle.done.is_set():
-        recent = list(getattr(handle.progress, "recent", None) or [])
         return (render.progress_line(handle.progress, model),
-                render.pairs_table(recent, ("image", "caption"), "No caption yet."), "", "", "")
+                render.pairs_table(handle.latest, LATEST, "No caption yet."), "", "", "")
     if handle.error is not None:
-        return render.progress_line(handle.progress, model), "", "", render.error_html(str(handle.error)), ""
+        return (render.progress_line(handle.progress, model, ended="failed"), "", "",
+                render.error_html(str(handle.error)), "")
     summary = handle.summary
     if getattr(summary, "dry_run", False):
         changes = [(c.get("caption_file"), f"{c.get('action')}: {c.get('new')}") for c in summary.changes]
         written = render.pairs_table(changes, ("caption file", "would be"), "Nothing would change.")
     else:
-        written = render.pairs_table(getattr(summary, "previews", []), ("image", "caption"), "No caption written.")
-    return (render.progress_line(handle.progress, model), written,
+        written = render.pairs_table(handle.latest, LATEST, "No caption written.")
+    ended = "interrupted" if getattr(summary, "interrupted", False) else "finished"
+    return (render.progress_line(handle.progress, model, ended=ended), written,
             render.pairs_table(getattr(summary, "failed", []), ("image", "reason"), "No failures."),
             render.summary_html(summary, model), render.dataset_html(summary))
 
@@ -88,6 +94,8 @@ def start_batch(service: CaptionService, model_label: str | None, *fields: Any) 
     model = chosen_models(model_label, fields[SHAPING_FIELDS:SHAPING_FIELDS + JUDGING_FIELDS])
     try:
         job = job_mapping(*fields)
+        if not job["inputs"]:  # the engine's own message names its command-line and API inputs
+            raise CaptionerError(NO_INPUTS)
         handle = BatchHandle(service, job, model)
     except CaptionerError as exc:
         yield (*batch_updates(None, "", str(exc)), "")

@@ -33,6 +33,12 @@ def error(message: str) -> Exception:
     return gr.Error(message)
 
 
+def warn(message: str) -> None:
+    """A warning shown in the page (a toast), without ending the event as an error. Outside an event
+    (tests, scripts) gradio hands it to ``warnings`` instead."""
+    gr.Warning(message)
+
+
 def blocks_kwargs(title: str | None = None, css: str | None = None) -> dict[str, Any]:
     """gr.Blocks(...) arguments; from gradio 6 the page's CSS goes to mount_gradio_app() instead (app.py)."""
     kwargs: dict[str, Any] = {"title": title} if title else {}

@@ -26,20 +26,31 @@ def user_error(exc: BaseException) -> Exception:
 
 
 # ---- model dropdowns -------------------------------------------------------------------------------
-def model_choices(service: CaptionService) -> tuple[list[str], str | None]:
-    """Dropdown entries for every available model, and the entry of the Settings' default model."""
-    rows = service.model_rows()
+def model_choices(service: CaptionService, prefer_ready: bool = True) -> tuple[list[str], str | None]:
+    """Dropdown entries for every available model, and the entry to show (see :func:`choices_from`)."""
+    return choices_from(service.model_rows(), service.settings().model, prefer_ready)
+
+
+def choices_from(rows: list[Any], settings_model: str, prefer_ready: bool = True) -> tuple[list[str], str | None]:
+    """Dropdown entries for ``rows``, and the entry to show: the Settings' model, unless ``prefer_ready``
+    and its files are missing while another model has all of its own (a fresh install then opens on a
+    model that runs, not on one that fails)."""
     labels = [render.model_label(row) for row in rows]
-    default = service.settings().model
-    chosen = next((label for row, label in zip(rows, labels) if row.id == default), labels[0] if labels else None)
-    return labels, chosen
+    chosen = next((row for row in rows if row.id == settings_model), None)
+    if prefer_ready and (chosen is None or not chosen.ready):
+        chosen = next((row for row in rows if row.ready), chosen)
+    if chosen is None:
+        return labels, labels[0] if labels else None
+    return labels, render.model_label(chosen)
 
 
-def refresh_models(service: CaptionService, current: str | None = None) -> tuple[Any, str]:
-    """New dropdown choices (keeping the current model when it still exists) and the models table."""
+def refresh_models(service: CaptionService, current: str | None = None, prefer_ready: bool = True
+                   ) -> tuple[Any, str]:
+    """New dropdown choices (keeping the current model when it still exists, else the one
+    :func:`choices_from` picks) and the models table."""
     try:
         rows = service.model_rows()
-        labels, default = model_choices(service)
+        labels, default = choices_from(rows, service.settings().model, prefer_ready)
     except BaseException as exc:
         raise user_error(exc) from None
     by_id = {render.model_id(label): label for label in labels}

@@ -56,16 +56,20 @@ def duration(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def progress_line(progress: Any, model: str = "") -> str:
-    """n/N, images/s and ETA of a running batch (a ``captioners.batch.Progress``)."""
+def progress_line(progress: Any, model: str = "", ended: str | None = None) -> str:
+    """n/N, images/s and ETA of a running batch (a ``captioners.batch.Progress``). Once the batch has
+    ``ended`` ("finished", "interrupted", "failed") the line says so and has no ETA any more."""
     if progress is None:
-        return "<p class='captioners-progress'>Starting…</p>"
+        return "" if ended else "<p class='captioners-progress'>Starting…</p>"
     total = progress.total or 0
     percent = 100 * progress.done / total if total else 0
     rate = f"{progress.images_per_s:.2f} images/s" if progress.images_per_s else "– images/s"
     counts = f"captioned {progress.captioned}, skipped {progress.skipped}, failed {progress.failed}"
+    state, eta = "", f" · ETA {duration(progress.eta_s)}"
+    if ended:  # "Interrupted at 8/20", "Finished: 20/20"
+        state, eta = ended.capitalize() + (" at " if progress.done < total else ": "), ""
     return (f"<div class='captioners-progress'><progress max='100' value='{percent:.0f}'></progress> "
-            f"<b>{progress.done}/{total}</b> · {rate} · ETA {duration(progress.eta_s)} · "
+            f"<b>{state}{progress.done}/{total}</b> · {rate}{eta} · "
             f"elapsed {duration(progress.elapsed_s)} · {counts}"
             + (f" · {escape(model)}" if model else "") + "</div>")
 
@@ -77,8 +81,9 @@ def pairs_table(pairs: Iterable[tuple[str, str]], header: tuple[str, str], empty
     rows = "".join(f"<tr><td><code>{escape(display_path(str(a)))}</code></td><td>{escape(str(b))}</td></tr>"
                    for a, b in pairs[:limit])
     more = f"<p>… and {len(pairs) - limit} more</p>" if len(pairs) > limit else ""
-    return (f"<table class='captioners-table'><thead><tr><th>{escape(header[0])}</th><th>{escape(header[1])}</th>"
-            f"</tr></thead><tbody>{rows}</tbody></table>{more}")
+    # captioners-pairs: fixed column widths (style.css), so that a long path cannot squeeze the text
+    return (f"<table class='captioners-table captioners-pairs'><thead><tr><th>{escape(header[0])}</th>"
+            f"<th>{escape(header[1])}</th></tr></thead><tbody>{rows}</tbody></table>{more}")
 
 
 def summary_html(summary: Any, model: str = "") -> str:

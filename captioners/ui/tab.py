@@ -19,13 +19,14 @@ from captioners.service import CaptionService
 from captioners.ui import render
 from captioners.ui.batch_tab import batch_section
 from captioners.ui.compat import blocks_kwargs, image_sources, show_progress
-from captioners.ui.controls import DecodingControls, JudgingControls, chosen_models, decoding_mapping, judging_mapping, \
-    model_choices, model_dropdown, model_row, refresh_models, user_error
+from captioners.ui.controls import DecodingControls, JudgingControls, choices_from, chosen_models, decoding_mapping, \
+    judging_mapping, model_dropdown, model_row, refresh_models, user_error
 from captioners.ui.local_paths import local_paths_section
 
 log = logging.getLogger(__name__)
 
 JUDGING_FIELDS = JudgingControls.FIELDS  # before the decoding controls in caption_image's inputs
+FOLLOW_SETTINGS_ID = "captioners_follow_settings"
 
 
 class TabHooks:
@@ -84,8 +85,25 @@ def unload_model(service: CaptionService) -> str:
 
 def refresh_all(service: CaptionService, current: str | None, *others: str | None) -> list[Any]:
     """The Models section's dropdown and table, and the other sections' dropdowns."""
-    update, table = refresh_models(service, current)
+    update, table = refresh_models(service, current, prefer_ready=False)
     return [update, table, *(refresh_models(service, other)[0] for other in others)]
+
+
+def follow_settings(service: CaptionService) -> list[Any]:
+    """Page load, and a change of Settings > Captioners > Model: (Models dropdown, models table, Caption
+    dropdown, Batch dropdown) as the Settings and the files are now. The Caption and Batch dropdowns show
+    the Settings' model or a ready one (see choices_from), the Models section the Settings' model itself.
+    The WebUI builds the tab once, at start-up: without this they kept that moment's model until a restart."""
+    try:
+        rows = service.model_rows()
+        settings = service.settings()
+    except BaseException as exc:
+        raise user_error(exc) from None
+    labels, shown = choices_from(rows, settings.model)
+    _, configured = choices_from(rows, settings.model, prefer_ready=False)
+    table = render.models_table(rows, str(settings.models_dir))
+    return [gr.update(choices=labels, value=configured), table, gr.update(choices=labels, value=shown),
+            gr.update(choices=labels, value=shown)]
 
 
 # ---- layout ---------------------------------------------------------------------------------------
@@ -94,7 +112,8 @@ def build_tab(service: CaptionService, hooks: TabHooks | None = None, title: str
     """The tab's Blocks; the WebUI renders it as a tab, the standalone app launches it (with a page
     title and the extension's CSS, which the WebUI loads from style.css by itself)."""
     hooks = hooks or TabHooks()
-    labels, default = model_choices(service)
+    rows, settings_model = service.model_rows(), service.settings().model
+    labels, default = choices_from(rows, settings_model)
     with gr.Blocks(analytics_enabled=False, **blocks_kwargs(title, css)) as tab:
         with gr.Tabs(elem_id="captioners_tabs"):
             with gr.Tab("Caption", elem_id="captioners_tab_caption"):
@@ -102,7 +121,15 @@ def build_tab(service: CaptionService, hooks: TabHooks | None = None, title: str
             with gr.Tab("Batch", elem_id="captioners_tab_batch"):
                 batch_dropdown = batch_section(service, labels, default, model_row)
             with gr.Tab("Models", elem_id="captioners_tab_models"):
-                _models_section(service, labels, default, [caption_dropdown, batch_dropdown])
+                configured = choices_from(rows, settings_model, prefer_ready=False)[1]
+                models_dropdown, table = _models_section(service, rows, labels, configured,
+                                                         [caption_dropdown, batch_dropdown])
+        # Clicked by javascript/captioners.js when the WebUI's Settings change the model.
+        follow = gr.Button("Follow Settings", visible=False, elem_id=FOLLOW_SETTINGS_ID)
+        follow_args = dict(fn=partial(follow_settings, service),
+                           outputs=[models_dropdown, table, caption_dropdown, batch_dropdown], **show_progress(False))
+        follow.click(**follow_args)
+        tab.load(**follow_args)
     return tab
 
 
@@ -126,8 +153,9 @@ def _caption_section(service: CaptionService, hooks: TabHooks, labels: list[str]
     return dropdown
 
 
-def _models_section(service: CaptionService, labels: list[str], default: str | None, others: list[Any]) -> None:
-    rows = service.model_rows()
+def _models_section(service: CaptionService, rows: list[Any], labels: list[str], default: str | None,
+                    others: list[Any]) -> tuple[Any, Any]:
+    """The models table, the section's dropdown and its buttons; returns (dropdown, table)."""
     table = gr.HTML(render.models_table(rows, str(service.settings().models_dir)), elem_id="captioners_models_table")
     with gr.Row():
         dropdown = model_dropdown(labels, default, "captioners_models_model")
@@ -141,3 +169,4 @@ def _models_section(service: CaptionService, labels: list[str], default: str | N
     refresh.click(**refresh_args, **show_progress(False))
     download.click(partial(download_model, service), inputs=[dropdown], outputs=[log_box]).then(**refresh_args)
     unload.click(partial(unload_model, service), outputs=[log_box]).then(**refresh_args)
+    return dropdown, table

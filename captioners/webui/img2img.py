@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from captioners.ui.compat import error, js
+from captioners.errors import CaptionerError
+from captioners.ui.compat import js, warn
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +110,28 @@ class Img2ImgButton:
         self.button.click(self.run, inputs=inputs, outputs=[self.prompt], **js(JS_FUNCTION))
         self.wired = True
 
-    def run(self, tab: Any, prompt: str, *images: Any) -> str:
+    def run(self, tab: Any, prompt: str, *images: Any) -> Any:
+        """The new prompt; the prompt unchanged (and a warning in the page) after a user's mistake."""
         image = pick_image(tab, images)
         if image is None:
-            raise error("No image in the open img2img tab. (For a folder, use the Captioners tab → Batch.)")
+            return refuse(NO_IMAGE)
         try:
             caption = self.caption(image)
-        except gr.Error:
-            raise
+        except CaptionerError as exc:  # missing model files, a damaged image: the user can fix these
+            return refuse(str(exc))
         except Exception as exc:
             from captioners.ui.controls import user_error
 
-            raise user_error(exc) from None
+            raise user_error(exc) from None  # unexpected: logged with its traceback
         return combine(prompt, caption, self.prompt_mode())
+
+
+NO_IMAGE = "No image in the open img2img tab. (For a folder, use the Captioners tab → Batch.)"
+
+
+def refuse(message: str) -> Any:
+    """One console line and a warning in the page, the prompt left as it is. Raising gr.Error would
+    also tell the page, but gradio 3 and 4 print a 25-line traceback for every raised error."""
+    log.warning("Captioners: %s", message.splitlines()[0])
+    warn(message)
+    return gr.update()

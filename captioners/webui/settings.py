@@ -21,6 +21,10 @@ CATEGORY = "postprocessing"  # the Settings page groups sections by category
 PROMPT_MODES = ("replace", "append", "prepend")
 STRATEGY_DEFAULT = "model default"
 DECIMAL = {"precision": 2, "step": 0.01, "minimum": 0.01}  # gr.Number's default step 1 refuses 0.5 in the page
+# A dropdown's hint goes into its own ``info``, never ``.info()``: the settings page puts an ``.info()``
+# hint after the component's <label> text, and gradio 4 (Forge) renders a dropdown without a <label>,
+# so Forge's page dropped the hint (its ui_settings_hints.js skips what it cannot place).
+DEVICE_HINT = "auto: the WebUI's interrogate device (follows --use-cpu)"
 
 
 def device_choices() -> list[str]:
@@ -43,14 +47,21 @@ def options(shared: Any, model_ids: Callable[[], list[str]]) -> dict[str, Any]:
             DEFAULT_MODEL, "Model for the img2img caption button and the API", gr.Dropdown,
             lambda: {"choices": model_ids()}, refresh=model_ids),
         "captioners_device": info(
-            "auto", "Device", gr.Dropdown, lambda: {"choices": device_choices()},
-        ).info("auto: the WebUI's interrogate device (follows --use-cpu)"),
+            "auto", "Device", gr.Dropdown,
+            lambda: {"choices": device_choices(), "info": DEVICE_HINT}),
         "captioners_dtype": info(
             "auto", "Precision", radio, {"choices": ["auto", "fp16", "bf16", "fp32"]},
         ).info("auto: fp16 on a GPU unless --no-half, fp32 on the CPU"),
         "captioners_after_use": info(
             "offload", "After captioning", radio, {"choices": list(AFTER_USE)},
         ).info("keep the model where it is; offload it to CPU RAM (frees VRAM, reloads fast); or unload it"),
+        "captioners_unload_after_batch": info(
+            True, "Unload the model after a Batch run",
+        ).info("a dataset job is usually followed by training, which needs the VRAM and RAM back"),
+        "captioners_idle_unload_minutes": info(
+            0, "Unload a kept or offloaded model after this many minutes unused (0: never)", gr.Number,
+            {"precision": 0, "minimum": 0},
+        ),
         "captioners_free_sd_vram": info(
             True, "Free the SD model's VRAM before captioning on a GPU",
         ).info("moves the SD model to CPU RAM while captioning; it comes back for the next generation"),
@@ -115,12 +126,15 @@ def read(opts: Any, models_path: str) -> Settings:
     )
     folder = getattr(opts, "captioners_models_dir", "") or os.path.join(models_path, "Captioners")
     after_use = getattr(opts, "captioners_after_use", "offload")
+    idle_minutes = max(number("captioners_idle_unload_minutes", float, 0.0), 0.0)
     return Settings(
         models_dir=Path(folder).expanduser(),
         model=getattr(opts, "captioners_model", DEFAULT_MODEL) or DEFAULT_MODEL,
         device=getattr(opts, "captioners_device", "auto") or "auto",
         dtype=getattr(opts, "captioners_dtype", "auto") or "auto",
         after_use=after_use if after_use in AFTER_USE else "offload",
+        after_batch="unload" if getattr(opts, "captioners_unload_after_batch", True) else None,
+        idle_unload_s=idle_minutes * 60,
         decoding=decoding,
         max_image_mpixels=positive("captioners_max_image_mpixels", MAX_IMAGE_MPIXELS),
         max_request_mpixels=positive("captioners_max_request_mpixels", MAX_REQUEST_MPIXELS),
