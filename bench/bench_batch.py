@@ -70,23 +70,33 @@ def make_folder(folder: Path, count: int) -> list[Path]:
 
 # ---- models ----------------------------------------------------------------------------------------
 def tiny_model(cache: Path, models_dir: Path):
+    model, overrides = tiny_model_files(cache)
+    return create_captioner(model, models_dir, overrides)
+
+
+def tiny_model_files(cache: Path) -> tuple[str, dict[str, str]]:
+    """The tiny model's checkpoint and its overrides (built once into ``cache``)."""
     from tests import tiny_models
 
     tokenizer = tiny_models.build_tokenizer(cache / "tiny" / "tokenizer")
     config, weights = tiny_models.build_clip(cache / "tiny" / "clip")
     checkpoint = tiny_models.build_checkpoint(cache / "tiny" / "ckpt", tokenizer, "icg", stop_scale=3.0)
-    return create_captioner(str(checkpoint.path), models_dir, {
-        "clip_config": str(config), "clip_weights": str(weights), "tokenizer": str(tokenizer)})
+    return str(checkpoint.path), {"clip_config": str(config), "clip_weights": str(weights), "tokenizer": str(tokenizer)}
 
 
 def full_model(cache: Path, models_dir: Path, stop_scale: float):
+    model, overrides = full_model_files(cache, stop_scale)
+    return create_captioner(model, models_dir, overrides)
+
+
+def full_model_files(cache: Path, stop_scale: float) -> tuple[str, dict[str, str]]:
+    """The full-size random model's checkpoint and its overrides (built once into ``cache``)."""
     folder = cache / "full"
     checkpoint, clip_weights, tokenizer = folder / "icg_gpt2_small.safetensors", folder / "vit_l_14.safetensors", \
         folder / "tokenizer"
     if not checkpoint.exists():
         build_full_model(folder, stop_scale)
-    return create_captioner(str(checkpoint), models_dir, {
-        "clip_arch": "ViT-L-14", "clip_weights": str(clip_weights), "tokenizer": str(tokenizer)})
+    return str(checkpoint), {"clip_arch": "ViT-L-14", "clip_weights": str(clip_weights), "tokenizer": str(tokenizer)}
 
 
 def build_full_model(folder: Path, stop_scale: float) -> None:

@@ -213,3 +213,22 @@ def test_a_killed_worker_is_restarted_and_every_image_is_captioned_once(cluster,
     assert sorted(row["id"] for row in rows) == sorted(p.name for p in images)
     assert all(before[name] == snapshot(folder)[name] for name in before)  # the images untouched
     assert len(list(folder.glob("*.txt"))) == len(images)
+
+
+def test_workers_that_would_hold_every_cpu_are_refused_on_a_fixed_cluster(caplog):
+    """Actors keep their CPUs for the whole job: taking all of them would starve the preprocessing forever."""
+    from captioners.batch.ray_engine import RayEngine, RaySettings
+    from captioners.batch.steps import ModelRequest
+    from captioners.errors import CaptionerError
+
+    class TwoCpus:
+        @staticmethod
+        def cluster_resources() -> dict:
+            return {"CPU": 2.0}
+
+    request = ModelRequest(("m",), "/models")
+    with pytest.raises(CaptionerError, match="--cpus-per-worker"):
+        RayEngine(RaySettings(workers=2, cpus_per_worker=1.0), request)._check_room(TwoCpus, fixed_size=True)
+    RayEngine(RaySettings(workers=2, cpus_per_worker=1.0), request)._check_room(TwoCpus, fixed_size=False)
+    assert "unless the cluster adds nodes" in caplog.text  # a cluster that can grow: a warning only
+    RayEngine(RaySettings(workers=2, cpus_per_worker=0.5), request)._check_room(TwoCpus, fixed_size=True)

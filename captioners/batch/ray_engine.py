@@ -8,10 +8,11 @@ runner, whose writer makes the caption files exactly as for a local run.
 
 Resume: images whose row (made under the same options) is in the table are not captioned again;
 their caption files are written from the table. A killed actor is restarted by Ray and its batch
-retried (``max_restarts``, ``max_task_retries``); the driver only ever writes the rows it receives,
+retried (Ray Data's actor pools default to ``max_restarts=-1``, ``max_task_retries=-1``: unbounded, as a
+long job needs; tests/test_ray_engine.py kills one); the driver only ever writes the rows it receives,
 so each image gets one row per successful captioning.
 
-Ray is optional (``pip install -e ".[ray]"``); nothing here imports it until a run starts.
+Ray is optional (the [ray] extra of this package); nothing here imports it until a run starts.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from captioners.judging.judge import Judge, MultiPreprocess
 
 log = logging.getLogger(__name__)
 
-RETRIES = -1  # restarts of a killed actor, retries of its batch: unbounded, as long jobs need
+PREPROCESS_CPUS = 1.0  # reserved by each preprocessing task (decoding and resizing one batch)
 
 
 @dataclass
@@ -82,6 +83,7 @@ class RayEngine:
         ray = _import_ray()
         started = _connect(ray, self.settings)
         try:
+            self._check_room(ray, fixed_size=started)
             for rows in self._rows(ray, rest, captioners, job, model_id, key):
                 if table is not None:
                     table.append(rows)  # first the table: a run killed after this resumes from it
@@ -99,16 +101,29 @@ class RayEngine:
         blocks = max(1, min(len(records), math.ceil(len(records) / job.batch_size)))
         dataset = ray.data.from_items(records, override_num_blocks=blocks)
         dataset = dataset.map_batches(preprocess_batch, fn_kwargs={"step": preprocess, "slots": slots},
-                                      batch_size=job.batch_size, batch_format="pyarrow", num_cpus=1)
+                                      batch_size=job.batch_size, batch_format="pyarrow", num_cpus=PREPROCESS_CPUS)
         gpus = self._gpus_per_worker(ray)
         dataset = dataset.map_batches(
             CaptionWorker, fn_constructor_kwargs={"request": self._worker_request(gpus), "job": job,
                                                   "model_id": model_id, "key": key, "slots": slots},
             batch_size=job.batch_size, batch_format="pyarrow", concurrency=max(1, self.settings.workers),
-            num_gpus=gpus, num_cpus=self.settings.cpus_per_worker,
-            max_restarts=RETRIES, max_task_retries=RETRIES)
+            num_gpus=gpus, num_cpus=self.settings.cpus_per_worker)
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             yield batch.to_pylist()
+
+    def _check_room(self, ray: Any, fixed_size: bool) -> None:
+        """Actors hold their CPUs for the whole job: if they took every CPU, no preprocessing task
+        could ever run and the job would wait forever."""
+        cpus = ray.cluster_resources().get("CPU", 0)
+        reserved = max(1, self.settings.workers) * self.settings.cpus_per_worker
+        if reserved + PREPROCESS_CPUS <= cpus:
+            return
+        message = (f"{self.settings.workers} captioning worker(s) x {self.settings.cpus_per_worker:g} CPU leave "
+                   f"no CPU of the cluster's {cpus:g} for reading images; use fewer --workers or a smaller "
+                   "--cpus-per-worker (e.g. 0.5)")
+        if fixed_size:  # the local cluster this run started cannot grow
+            raise CaptionerError(message + ".")
+        log.warning("%s, unless the cluster adds nodes.", message)
 
     def _gpus_per_worker(self, ray: Any) -> float:
         if self.settings.gpus_per_worker is not None:
