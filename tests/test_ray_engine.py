@@ -119,11 +119,13 @@ def test_bad_images_are_failures_and_the_table_is_complete(cluster, tiny_args, p
     assert len({row["options_hash"] for row in rows}) == 1
 
 
-def test_jsonl_table_and_a_rerun_that_only_writes(cluster, tiny_args, photos, tmp_path, capsys):
+def test_jsonl_table_and_a_rerun_that_only_writes(cluster, tiny_args, photos, tmp_path, capsys, monkeypatch):
     folder = tmp_path / "set"
     copy_photos(photos, folder, 5)
     table = tmp_path / "table"
-    args = [str(folder), "--engine", "ray", "--table-dir", str(table), "--table-format", "jsonl", *tiny_args]
+    # Relative paths, from a folder that is not the workers' current one (they started elsewhere).
+    monkeypatch.chdir(tmp_path)
+    args = ["set", "--engine", "ray", "--table-dir", "table", "--table-format", "jsonl", *tiny_args]
     assert run(capsys, *args, "--dry-run")[0] == 0
     assert not table.exists()  # a dry run writes nothing, not even the table
     assert run(capsys, *args)[0] == 0
@@ -232,3 +234,15 @@ def test_workers_that_would_hold_every_cpu_are_refused_on_a_fixed_cluster(caplog
     RayEngine(RaySettings(workers=2, cpus_per_worker=1.0), request)._check_room(TwoCpus, fixed_size=False)
     assert "unless the cluster adds nodes" in caplog.text  # a cluster that can grow: a warning only
     RayEngine(RaySettings(workers=2, cpus_per_worker=0.5), request)._check_room(TwoCpus, fixed_size=True)
+
+
+def test_a_table_folder_that_cannot_be_written_stops_before_any_captioning(tiny_args, photos, tmp_path, capsys):
+    folder = tmp_path / "set"
+    copy_photos(photos, folder, 2)
+    blocked = tmp_path / "a file"
+    blocked.write_text("not a folder")
+    code = cli.main(["batch", str(folder), "--engine", "ray", "--table-dir", str(blocked / "table"), *tiny_args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Cannot write the result table" in err and "--table-dir" in err and "Traceback" not in err
+    assert not list(folder.glob("*.txt"))

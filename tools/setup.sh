@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create or update a virtual environment with the package; print its path.
 #
-#   tools/setup.sh run        the package alone, in .venv (what tools/run.sh uses)
+#   tools/setup.sh run        the package alone, in .venv (what tools/run.sh uses); with its extras
+#                             named in CAPTIONERS_EXTRAS, e.g. CAPTIONERS_EXTRAS=ray for the Ray engine
 #   tools/setup.sh current    the package, its test tools and Ray, current releases, in .venv
 #   tools/setup.sh a1111      the same with A1111 1.10's pins (tools/pins/a1111.txt), in .venv-a1111
 #   tools/setup.sh forge      the same with Forge's pins (tools/pins/forge.txt), in .venv-forge
@@ -49,7 +50,7 @@ install() {
 }
 
 case "$mode" in
-  run) extras="" ;;
+  run) extras="${CAPTIONERS_EXTRAS:+[$CAPTIONERS_EXTRAS]}" ;;  # e.g. CAPTIONERS_EXTRAS=ray (comma-separated)
   current) extras="[test,ray]" ;;  # Ray (the distributed engine) is tested with current releases only
   *) extras="[test]" ;;
 esac

@@ -6,6 +6,10 @@ pool, the models loaded once per actor, on a GPU when the actor has one) -> this
 appends every batch of rows to the result table (``table.py``) and only then hands the rows to the
 runner, whose writer makes the caption files exactly as for a local run.
 
+Ray Data fuses the preprocessing into the actors when both ask for the same resources (CPU-only
+workers of one CPU each): then each actor reads its own images. GPU workers always get separate
+CPU tasks, which overlap with the captioning.
+
 Resume: images whose row (made under the same options) is in the table are not captioned again;
 their caption files are written from the table. A killed actor is restarted by Ray and its batch
 retried (Ray Data's actor pools default to ``max_restarts=-1``, ``max_task_retries=-1``: unbounded, as a
@@ -63,7 +67,7 @@ class RayEngine:
     name = "ray"
 
     def __init__(self, settings: RaySettings, request: ModelRequest):
-        self.settings, self.request = settings, request
+        self.settings, self.request = settings, request.absolute()
 
     def caption(self, todo: Sequence[Planned], captioners: Sequence[Captioner], job: BatchJob,
                 judgement: RunJudgement, model_id: str, key: str) -> Iterator[list[Outcome]]:
@@ -80,6 +84,8 @@ class RayEngine:
         rest = [item for i, item in enumerate(todo) if i not in taken]
         if not rest:
             return
+        if table is not None:
+            table.prepare()
         ray = _import_ray()
         started = _connect(ray, self.settings)
         try:
@@ -97,7 +103,8 @@ class RayEngine:
         preprocess, slots = driver_preprocessing(captioners, job)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = self.settings.progress
-        records = [{"id": item.id, "path": str(item.image)} for item in items]
+        # Absolute paths: a worker's current folder is not this process's.
+        records = [{"id": item.id, "path": str(item.image.absolute())} for item in items]
         blocks = max(1, min(len(records), math.ceil(len(records) / job.batch_size)))
         dataset = ray.data.from_items(records, override_num_blocks=blocks)
         dataset = dataset.map_batches(preprocess_batch, fn_kwargs={"step": preprocess, "slots": slots},
@@ -106,7 +113,8 @@ class RayEngine:
         dataset = dataset.map_batches(
             CaptionWorker, fn_constructor_kwargs={"request": self._worker_request(gpus), "job": job,
                                                   "model_id": model_id, "key": key, "slots": slots},
-            batch_size=job.batch_size, batch_format="pyarrow", concurrency=max(1, self.settings.workers),
+            batch_size=job.batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=max(1, self.settings.workers)),
             num_gpus=gpus, num_cpus=self.settings.cpus_per_worker)
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             yield batch.to_pylist()

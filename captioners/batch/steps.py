@@ -74,6 +74,19 @@ class ModelRequest:
     device: str = "auto"
     dtype: str = "auto"
 
+    def absolute(self) -> "ModelRequest":
+        """The same request with every local path absolute: a worker on a cluster runs in a folder of
+        its own, where a path relative to the driver's folder names nothing."""
+        from captioners.registry import PATH_KEYS
+
+        def absolute(value: Any) -> Any:
+            path = Path(str(value)).expanduser()
+            return str(path.absolute()) if isinstance(value, str) and path.exists() else value
+
+        overrides = {key: absolute(value) if key in PATH_KEYS else value for key, value in self.overrides.items()}
+        return ModelRequest(tuple(absolute(model) for model in self.models), str(Path(self.models_dir).absolute()),
+                            overrides, self.device, self.dtype)
+
     def captioners(self) -> list[Captioner]:
         """The captioners, not loaded yet (their files are checked when they load)."""
         from captioners.registry import create_captioner

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from captioners.display import display_path
 from captioners.errors import CaptionerError
 
 FORMATS = ("parquet", "jsonl")
@@ -55,9 +56,29 @@ class ResultTable:
                     best[row["id"]] = row
         return best
 
+    def prepare(self) -> None:
+        """Make the folder now: a table that cannot be written stops the run before any captioning."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe = self.folder / f".probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise CaptionerError(f"Cannot write the result table in {display_path(self.folder)}: "
+                                 f"{exc.strerror or exc}; choose another --table-dir.") from exc
+
     def append(self, rows: list[dict[str, Any]]) -> Path | None:
+        """Write ``rows`` as one new shard. A shard that cannot be written ends the run (with what was
+        written so far kept): going on would caption images that no rerun could resume from."""
         if not rows:
             return None
+        try:
+            return self._write(rows)
+        except OSError as exc:
+            raise CaptionerError(f"Cannot write the result table in {display_path(self.folder)}: "
+                                 f"{exc.strerror or exc}. Captions so far are kept; rerun to go on.") from exc
+
+    def _write(self, rows: list[dict[str, Any]]) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
         # Shards sort in writing order: the time first, then the process.
         name = f"{SHARD_PREFIX}{time.time_ns():020d}-{os.getpid()}-{self.shards_written:06d}.{self.format}"
