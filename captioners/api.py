@@ -12,18 +12,19 @@ import binascii
 import json
 import logging
 import secrets
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from captioners.errors import (CaptionerError, MissingWeightsError, OutputsNotWrittenError, TooLargeError,
                                UnknownModelError)
 from captioners.display import display_path, json_bytes
 from captioners.images import EncodedImage
-from captioners.service import CaptionService, InputNotFoundError
+from captioners.regions import RegionError, RegionImage, RegionOptions, encoded_mask, parse_box
+from captioners.service import CaptionService, InputNotFoundError, check_pixel_limits
 
 log = logging.getLogger(__name__)
 
 PREFIX = "/captioners/v1"
-CAPTION_KEYS = {"image", "images", "model", "options", "judging"}
+CAPTION_KEYS = {"image", "images", "model", "options", "judging", "mask", "box", "region"}
 
 
 def parse_credentials(api_auth: str | None) -> dict[str, str]:
@@ -100,12 +101,38 @@ class CaptionersApi:
             raise CaptionerError("'images' must be a non-empty list of base64 strings.")
         images = [decode_image(item, f"images[{i}]" if "images" in payload else "image")
                   for i, item in enumerate(items)]
+        images, regions = self.regions(payload, images)
         options = payload.get("options")
         if options is not None and not isinstance(options, dict):
             raise CaptionerError("'options' must be an object of decoding options.")
         models, results = self.service.judge(images, _model(payload), options, payload.get("judging"))
-        return {"model": ",".join(models), "captions": [result.caption for result in results],
-                "results": [judged_dict(result) for result in results]}
+        answer = {"model": ",".join(models), "captions": [result.caption for result in results],
+                  "results": [judged_dict(result) for result in results]}
+        if regions is not None:
+            answer["regions"] = regions
+        return answer
+
+    def regions(self, payload: Mapping[str, Any], images: list[EncodedImage]
+                ) -> tuple[Sequence[EncodedImage], list[dict[str, int]] | None]:
+        """With a ``mask`` or a ``box``: the images as their regions' crops (checked now, cropped in the
+        job), and each crop's box for the answer. ``region`` options default to the Settings'."""
+        has_mask, has_box = "mask" in payload, "box" in payload
+        if not (has_mask or has_box):
+            if "region" in payload:
+                raise RegionError("'region' options need a 'mask' (a base64 image) or a 'box' ({x, y, w, h}).")
+            return images, None
+        if has_mask and has_box:
+            raise RegionError("Give either 'mask' (a base64 image) or 'box' ({x, y, w, h}), not both.")
+        settings = self.service.settings()
+        options = RegionOptions.from_mapping(payload.get("region"), settings.region)
+        if has_box:
+            target = parse_box(payload["box"])
+        else:
+            mask = decode_image(payload["mask"], "mask")
+            check_pixel_limits([mask], settings)  # a mask is decoded now: the same limit as an image
+            target = encoded_mask(mask)
+        cropped = [RegionImage(image, target, options) for image in images]
+        return cropped, [image.box.to_dict() for image in cropped]
 
     def batch(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         job = dict(_object(payload))

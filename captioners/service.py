@@ -24,6 +24,7 @@ from captioners.devices import free_memory, resolve_device
 from captioners.errors import CaptionerError, ImageLoadError, MissingWeightsError, TooLargeError
 from captioners.images import OPEN_ERRORS, EncodedImage, open_failure
 from captioners.options import DecodingOptions
+from captioners.regions import RegionOptions
 
 if TYPE_CHECKING:  # the registry imports transformers: loaded at first use, not with the WebUI
     from captioners.registry import ModelRow
@@ -56,6 +57,7 @@ class Settings:
     score_clip: str | None = None   # CLIP scoring captions of models without their own (None: ViT-L-14:openai)
     after_batch: str | None = None  # after a batch (one of AFTER_USE); None: as after_use
     idle_unload_s: float = 0.0      # a kept or offloaded model is unloaded after this long unused (0: never)
+    region: RegionOptions = field(default_factory=RegionOptions)  # captioning a masked area: the crop
 
 
 class Host:
@@ -84,6 +86,14 @@ class Host:
     def job(self, name: str, device: torch.device) -> Iterator[None]:
         """Run one captioning job exclusively; the WebUI version also shares the GPU with the SD model."""
         with self.exclusive():
+            yield
+
+    @contextlib.contextmanager
+    def current_job(self, name: str, device: torch.device) -> Iterator[None]:
+        """Run inside a job the host is already running (a WebUI generation calling the service from
+        a script or a callback). The WebUI host must not wait for its queue again there; the standalone
+        host has no such jobs, so it runs a job as usual."""
+        with self.job(name, device):
             yield
 
     def report(self, done: int, total: int, text: str) -> None:
@@ -150,9 +160,14 @@ class CaptionService:
 
     # ---- captioning -----------------------------------------------------------------------------
     def caption(self, images: Sequence[Image.Image | EncodedImage], model: str | None = None,
-                options: DecodingOptions | Mapping[str, Any] | None = None) -> tuple[str, list[str]]:
+                options: DecodingOptions | Mapping[str, Any] | None = None, *,
+                in_current_job: bool = False) -> tuple[str, list[str]]:
         """Caption PIL or encoded images with ``model`` (default: the Settings' model); returns
-        (model id, captions). Encoded images are size-checked here and decoded inside the job."""
+        (model id, captions). Encoded images are size-checked here and decoded inside the job.
+
+        ``in_current_job``: the caller runs inside a host job already (a WebUI generation): no job of
+        its own then (see :meth:`Host.current_job`), and no progress report, which is the generation's.
+        """
         if not images:
             raise CaptionerError("No image given.")
         settings = self.settings()
@@ -161,11 +176,13 @@ class CaptionService:
         spec = self.spec(model)
         decoding = _as_options(options).merged(settings.decoding)
         device = self.host.device(settings.device)
-        with _for_ui(), self.host.job("captioners", device):
+        job = self.host.current_job if in_current_job else self.host.job
+        report = _no_report if in_current_job else self.host.report
+        with _for_ui(), job("captioners", device):
             with self._use(spec, settings, device) as captioner:
-                self.host.report(0, len(images), f"Captioning {len(images)} image(s) with {spec.id}")
+                report(0, len(images), f"Captioning {len(images)} image(s) with {spec.id}")
                 captions = captioner.caption(list(images), decoding)
-                self.host.report(len(images), len(images), "")
+                report(len(images), len(images), "")
         return spec.id, captions
 
     def judge(self, images: Sequence[Image.Image | EncodedImage], model: str | Sequence[str] | None = None,
@@ -431,6 +448,10 @@ class BatchHandle:
     def _on_progress(self, progress: Any) -> None:
         self.latest = [*self.latest, *(getattr(progress, "recent", None) or [])][-LATEST_CAPTIONS:]
         self.progress = progress
+
+
+def _no_report(done: int, total: int, text: str) -> None:
+    return None
 
 
 @contextlib.contextmanager

@@ -9,6 +9,22 @@ function captioners_img2img_args() {
     return args;
 }
 
+// The masked-area button's arguments: [tab index, mask mode, prompt, 6 images and masks]. The mask
+// mode is the index of the checked "Mask mode" radio (1: "Inpaint not masked"), read from the page so
+// the button needs no component that the WebUI creates after it wires.
+function captioners_img2img_region_args() {
+    var args = Array.from(arguments).slice(0, 9);
+    args[0] = typeof get_tab_index === "function" ? get_tab_index("mode_img2img") : 0;
+    args[1] = captioners_mask_mode();
+    return args;
+}
+
+function captioners_mask_mode() {
+    var radios = gradioApp().querySelectorAll("#img2img_mask_mode input[type=radio]");
+    var index = Array.from(radios).findIndex(function (radio) { return radio.checked; });
+    return index > 0 ? index : 0;
+}
+
 // Settings > Captioners > Model changed (Apply settings): the tab's model dropdowns follow it, through
 // the tab's hidden button (the server then reads the new Settings). The WebUI runs onOptionsChanged
 // callbacks when its options first arrive and after every save; only a change of the model counts.

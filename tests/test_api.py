@@ -308,3 +308,102 @@ def test_several_models_rank_their_candidates_together(client, photos):
     scores = [c["clip_score"] for c in data["results"][0]["captions"]]
     assert len(scores) == 2 and scores == sorted(scores, reverse=True)
     assert client.get("/captioners/v1/models").json()["loaded"] == TINY  # the extra copy was freed
+
+
+# ---- captioning a region: "mask" (a base64 image) or "box" -----------------------------------------
+def png_b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def area_mask(size, rect, mode="L") -> Image.Image:
+    from PIL import ImageDraw
+
+    mask = Image.new(mode, size, 0)
+    ImageDraw.Draw(mask).rectangle(rect, fill=255)  # inclusive corners
+    return mask
+
+
+def caption_of(client, image: Image.Image) -> str:
+    return client.post("/captioners/v1/caption", json={"image": png_b64(image)}).json()["captions"][0]
+
+
+def test_a_mask_or_a_box_captions_only_that_region(client, photos):
+    from captioners.regions import Box, RegionOptions, crop_region
+
+    photo = Image.open(photos[0]).convert("RGB")
+    width, height = photo.size
+    rect = (width // 4, height // 4, width // 2, height // 2)
+    expected = crop_region(photo, area_mask(photo.size, rect))
+    response = client.post("/captioners/v1/caption", json={"image": b64(photos[0]),
+                                                           "mask": png_b64(area_mask(photo.size, rect))})
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["regions"] == [expected.box.to_dict()]
+    assert data["captions"] == [caption_of(client, expected.image)]
+    # The same area as a box ({x, y, w, h} or [x, y, w, h]), greyed outside, on two images.
+    box = Box(rect[0], rect[1], rect[2] - rect[0] + 1, rect[3] - rect[1] + 1)
+    grey = crop_region(photo, box, RegionOptions(outside="grey"))
+    for given in (box.to_dict(), list(box)):
+        data = client.post("/captioners/v1/caption", json={
+            "images": [b64(photos[0]), b64(photos[0])], "box": given, "region": {"outside": "grey"}}).json()
+        assert data["regions"] == [grey.box.to_dict()] * 2 and grey.box == expected.box
+        assert data["captions"] == [caption_of(client, grey.image)] * 2
+    assert "regions" not in client.post("/captioners/v1/caption", json={"image": b64(photos[0])}).json()
+
+
+def test_a_mask_of_another_size_and_an_rgba_mask(client, photos):
+    photo = Image.open(photos[0]).convert("RGB")
+    small = area_mask((photo.width // 2, photo.height // 2), (10, 10, 19, 19))
+    transparent = Image.new("RGBA", photo.size, (255, 255, 255, 0))  # alpha is the mask
+    transparent.paste((0, 0, 0, 255), (20, 20, 40, 40))
+    from captioners.regions import mask_box
+
+    assert mask_box(transparent) == (20, 20, 20, 20) and mask_box(small, photo.size)[:2] == (20, 20)
+    for mask in (small, transparent):
+        data = client.post("/captioners/v1/caption", json={"image": b64(photos[0]), "mask": png_b64(mask),
+                                                           "region": {"margin": 0, "min_margin": 0, "min_size": 0}})
+        assert data.json()["regions"] == [mask_box(mask, photo.size).to_dict()], data.text
+
+
+def test_region_defaults_come_from_settings(webui, client, photos):
+    webui.shared.opts.set("captioners_region_margin", 100)
+    try:
+        data = client.post("/captioners/v1/caption", json={"image": b64(photos[0]), "box": [100, 100, 50, 50]}).json()
+    finally:
+        webui.shared.opts.set("captioners_region_margin", 10)
+    assert data["regions"] == [{"x": 50, "y": 50, "w": 150, "h": 150}]
+
+
+@pytest.mark.parametrize("extra, status, words", [
+    ({"box": [0, 0, 10, 10], "mask": "MASK"}, 400, "either 'mask'"),
+    ({"region": {"outside": "grey"}}, 400, "need a 'mask'"),
+    ({"box": [0, 0, 10]}, 400, "[x, y, w, h]"),
+    ({"box": {"x": 0, "y": 0, "w": 10}}, 400, "exactly the keys x, y, w, h"),
+    ({"box": [0, 0, 0, 10]}, 400, "box.w must be at least 1"),
+    ({"box": [-5, 0, 10, 10]}, 400, "box.x must be at least 0"),
+    ({"box": [0.5, 0, 10, 10]}, 400, "box.x must be a whole number"),
+    ({"box": "0,0,10,10"}, 400, "[x, y, w, h]"),
+    ({"box": [0, 0, 100000, 10]}, 400, "image: 'box' (100000x10 at 0,0) does not fit in the"),
+    ({"box": [0, 0, 10, 10], "region": {"outside": "black"}}, 400, "outside must be one of keep, grey, blur"),
+    ({"box": [0, 0, 10, 10], "region": {"margin": "lots"}}, 400, "margin must be a number"),
+    ({"box": [0, 0, 10, 10], "region": {"feather": 3}}, 400, "Unknown region option"),
+    ({"box": [0, 0, 10, 10], "region": [1]}, 400, "'region' must be an object"),
+    ({"mask": "not base64!"}, 400, "mask is not valid base64"),
+    ({"mask": None}, 400, "mask must be a base64-encoded image string"),
+    ({"mask": base64.b64encode(b"no image").decode()}, 400, "mask is not an image"),
+    ({"mask": "EMPTY"}, 400, "The mask is empty"),
+    ({"mask": "HUGE"}, 413, "mask is 15000x10000"),
+])
+def test_bad_regions_get_a_4xx_with_one_clear_message(client, photos, extra, status, words):
+    if extra.get("mask") == "MASK":
+        extra = {**extra, "mask": png_b64(area_mask((64, 64), (1, 1, 9, 9)))}
+    elif extra.get("mask") == "EMPTY":
+        extra = {"mask": png_b64(Image.new("L", (64, 64)))}
+    elif extra.get("mask") == "HUGE":
+        extra = {"mask": base64.b64encode(bilevel_png(15000, 10000)).decode()}
+    response = client.post("/captioners/v1/caption", json={"image": b64(photos[0]), **extra})
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail and words in detail, detail

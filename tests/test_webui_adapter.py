@@ -1,4 +1,4 @@
-"""The WebUI adapter against the stand-in WebUI (A1111, Forge and reForge flavours)."""
+"""The WebUI adapter against the stand-in WebUI (A1111, Forge, reForge and Forge Neo flavours)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.webui_host import TINY
+from tests.webui_host import CANVAS_HOSTS, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "captioners_webui.py"
@@ -134,15 +134,17 @@ def _dependency(blocks, button):
 
 
 def test_img2img_button_wires_every_subtab(webui, extension):
-    forge = webui.host == "forge"
+    forge = webui.host in CANVAS_HOSTS
     demo, made = webui.ui.create_img2img(forge=forge)
     button = extension.img2img
     assert webui.script_callbacks.errors == []
     assert button.wired and button.button is not None
-    # Placed in the tools row, right after 📦.
-    row = made["deepbooru"].parent
+    # Placed in the tools row, right after 📦; in Forge Neo (no interrogate buttons) after its last tool.
+    anchor = made["deepbooru"] if "deepbooru" in made else made["restore_progress"]
+    assert "interrogate" in made or webui.host == "forge_neo"
+    row = anchor.parent
     children = row.children
-    assert children[children.index(made["deepbooru"]) + 1] is button.button
+    assert children[children.index(anchor) + 1] is button.button
 
     def image_of(name):
         component = made[name]
@@ -156,7 +158,7 @@ def test_img2img_button_wires_every_subtab(webui, extension):
 
 
 def test_img2img_button_captions_the_open_subtab(webui, extension, photos):
-    webui.ui.create_img2img(forge=webui.host == "forge")
+    webui.ui.create_img2img(forge=webui.host in CANVAS_HOSTS)
     button = extension.img2img
     photo = Image.open(photos[0]).convert("RGBA")  # img2img images are RGBA
     expected = extension.service.caption([photo])[1][0]
@@ -206,7 +208,7 @@ def test_free_vram_takes_each_hosts_path(webui):
     from captioners.webui import gpu
 
     host, manager = gpu.memory_manager()
-    assert host == webui.host
+    assert host == ("forge" if webui.host == "forge_neo" else webui.host)  # Neo has Forge's backend
     sd_models = webui.sd_models
 
     class FakeSD:
@@ -296,6 +298,19 @@ def test_device_and_precision_follow_the_webui(webui, extension):
         assert host.dtype("fp16", torch.device("cuda")) == "fp16"  # an explicit choice wins
     finally:
         webui.shared.cmd_opts.no_half = False
+
+
+@pytest.mark.parametrize("webui", ["forge_neo"], indirect=True)
+def test_forge_neo_has_no_interrogators_and_no_name_keyword(webui, extension):
+    """Forge Neo: no interrogate module or device ("auto" is its one device, which --cpu sets), and
+    registrars that take no name=, which the extension's scripts never pass."""
+    from captioners.webui.host import WebUIHost
+
+    assert importlib.util.find_spec("modules.interrogate") is None
+    assert not hasattr(webui.devices, "device_interrogate")
+    assert WebUIHost().device("auto") == torch.device(webui.devices.device)
+    with pytest.raises(TypeError):
+        webui.script_callbacks.on_image_saved(print, name="captioners")
 
 
 @any_host

@@ -41,14 +41,24 @@ def tiny_models_dir(tmp_path, icg_checkpoint, clip_overrides) -> Path:
     return write_tiny_preset(tmp_path / "models", icg_checkpoint.path, clip_overrides)
 
 
-@pytest.fixture(params=["a1111", "forge", "reforge"])
+HOSTS = ("a1111", "forge", "reforge", "forge_neo")
+# The hosts whose img2img images are ForgeCanvas objects (the others: gr.Image).
+CANVAS_HOSTS = ("forge", "forge_neo")
+# Each host's memory manager (A1111 has none: it moves the SD model itself).
+MEMORY_MANAGERS = {"forge": "backend.memory_management", "forge_neo": "backend.memory_management",
+                   "reforge": "ldm_patched.modules.model_management"}
+
+
+@pytest.fixture(params=HOSTS)
 def webui(request, monkeypatch, tmp_path, icg_checkpoint, clip_overrides):
     """The stand-in WebUI of one host, with the tiny model as the Settings' default.
 
-    Gives the imported fake modules; ``.host`` names the host.
+    Gives the imported fake modules; ``.host`` names the host. ``forge_neo/modules`` layers itself
+    over ``a1111/modules`` (see its ``__init__``).
     """
     host = request.param
-    paths = [str(FAKE / "a1111")] + ([str(FAKE / host)] if host != "a1111" else [])
+    # The host's folder before a1111/ on sys.path: Forge Neo's ``modules`` must be found before A1111's.
+    paths = ([str(FAKE / host)] if host != "a1111" else []) + [str(FAKE / "a1111")]
     _purge()
     for path in reversed(paths):
         monkeypatch.syspath_prepend(path)
@@ -61,9 +71,8 @@ def webui(request, monkeypatch, tmp_path, icg_checkpoint, clip_overrides):
     write_tiny_preset(Path(modules.paths.models_path) / "Captioners", icg_checkpoint.path, clip_overrides)
     modules.gradio_extensions.patch(monkeypatch)
     modules.script_callbacks.clear_callbacks()
-    if host != "a1111":
-        manager = "backend.memory_management" if host == "forge" else "ldm_patched.modules.model_management"
-        modules.memory = importlib.import_module(manager)
+    if host in MEMORY_MANAGERS:
+        modules.memory = importlib.import_module(MEMORY_MANAGERS[host])
     yield modules
     _purge()
 

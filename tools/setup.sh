@@ -70,13 +70,15 @@ if ! "$base/bin/python" -c "import importlib.util as u, sys; sys.exit(not (u.fin
   "$base/bin/pip" install "${pip_flags[@]}" $torch_packages 2>&1 | grep -v "is ignored" >&2 || true
   "$base/bin/python" -c "import torch, torchvision" || { log "torch did not install"; exit 1; }
 fi
-# The test tools include the package itself, so a test install also serves the plain one.
-if [ -z "$extras" ] && [ -f "$base/.captioners-installed" ] \
-    && grep -qF " -e $root[test]" "$base/.captioners-installed"; then
-  install "$base" "-e $root[test]" "$root/pyproject.toml"
-else
-  install "$base" "-e $root$extras" "$root/pyproject.toml"
+# The test tools include the package itself, so a test install also serves the plain one (and one
+# with Ray serves the pinned sets' base environment).
+served=""
+if { [ -z "$extras" ] || [ "$extras" = "[test]" ]; } && [ -f "$base/.captioners-installed" ]; then
+  for tested in "[test,ray]" "[test]"; do
+    if grep -qF " -e $root$tested" "$base/.captioners-installed"; then served=$tested; break; fi
+  done
 fi
+install "$base" "-e $root${served:-$extras}" "$root/pyproject.toml"
 
 if [ "$mode" = current ] || [ "$mode" = run ]; then
   echo "$base"

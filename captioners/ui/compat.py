@@ -52,3 +52,17 @@ def queue_kwargs(concurrency: int) -> dict[str, Any]:
     if GRADIO_MAJOR >= 4:
         return {"default_concurrency_limit": concurrency}
     return {"concurrency_count": concurrency}
+
+
+MASK_COLOUR = "#ff00ff"  # only where a stroke is matters (its alpha); a colour that shows on photos
+
+
+def mask_editor(label: str, elem_id: str) -> Any:
+    """An image to paint a mask on. Gradio 3: ``gr.Image(tool="sketch")``, whose value is
+    ``{"image", "mask"}``; from 4: ``gr.ImageMask``, whose value is ``{"background", "layers",
+    "composite"}`` (captioners.regions.editor_value reads both)."""
+    if GRADIO_MAJOR >= 4:
+        return gr.ImageMask(type="pil", sources=["upload"], label=label, elem_id=elem_id, layers=False,
+                            transforms=(), brush=gr.Brush(colors=[MASK_COLOUR], color_mode="fixed"))
+    return gr.Image(type="pil", source="upload", tool="sketch", label=label, elem_id=elem_id,
+                    brush_color=MASK_COLOUR)

@@ -22,6 +22,7 @@ from captioners.ui.compat import blocks_kwargs, image_sources, show_progress
 from captioners.ui.controls import DecodingControls, JudgingControls, choices_from, chosen_models, decoding_mapping, \
     judging_mapping, model_dropdown, model_row, refresh_models, user_error
 from captioners.ui.local_paths import local_paths_section
+from captioners.ui.region import region_section
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +149,9 @@ def _caption_section(service: CaptionService, hooks: TabHooks, labels: list[str]
             status = gr.Textbox(label="Status", interactive=False, elem_id="captioners_status")
             judged = gr.HTML(elem_id="captioners_judged")
             hooks.send_buttons(image, caption)
-    button.click(partial(caption_image, service), inputs=[image, dropdown, *judging.components, *decoding.components],
-                 outputs=[caption, status, judged])
+    fields = [*judging.components, *decoding.components]
+    button.click(partial(caption_image, service), inputs=[image, dropdown, *fields], outputs=[caption, status, judged])
+    region_section(service, image, dropdown, fields, [caption, status, judged])
     return dropdown
 
 

@@ -16,6 +16,10 @@ log = logging.getLogger(__name__)
 TAB_TITLE = "Captioners"
 TAB_ID = "captioners"
 
+# The registry: this process's Extension (the latest made, after a Reload UI). The extension's other
+# WebUI scripts (the img2img prompt script, caption on save) use it, so they share its one loaded model.
+_RUNNING: dict[str, "Extension"] = {}
+
 
 class WebUITabHooks:
     """The WebUI's additions to the shared tab: send-to buttons through ``infotext_utils``."""
@@ -36,6 +40,14 @@ class Extension:
         self.host = WebUIHost()
         self.service = CaptionService(self.host)
         self.img2img = Img2ImgButton(self.caption_one, self.prompt_mode)
+        _RUNNING["extension"] = self
+
+    @staticmethod
+    def running() -> "Extension":
+        """The Extension ``scripts/captioners_webui.py`` made; a new one should that script have
+        failed to load (then the other scripts still work, with their own service)."""
+        extension = _RUNNING.get("extension")
+        return extension if extension is not None else Extension()
 
     # ---- callbacks --------------------------------------------------------------------------------
     def on_ui_settings(self) -> None:

@@ -42,9 +42,22 @@ class WebUIHost(Host):
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
+        """The WebUI's queue lock (no generation meanwhile), then the service's own lock (see
+        :meth:`current_job`). Always in this order, so the two never wait on each other."""
         from modules.call_queue import queue_lock
 
-        with queue_lock:
+        with queue_lock, self._lock:
+            yield
+
+    @contextlib.contextmanager
+    def current_job(self, name: str, device: torch.device) -> Iterator[None]:
+        """Inside a generation (an img2img script, an image-saved callback). The generation holds the
+        queue lock, in Forge from another thread than the one running the script, so waiting for it
+        here would wait forever. Only the service's own lock is taken: it keeps a tab or API job off
+        the model should the caller run outside the queue (the gallery's Save button does). The SD
+        model stays on the GPU, which the generation needs next, and ``shared.state`` stays the
+        generation's."""
+        with self._lock:
             yield
 
     @contextlib.contextmanager

@@ -14,11 +14,13 @@ import gradio as gr
 
 from captioners.paths import DEFAULT_MODEL
 from captioners.options import DecodingOptions
+from captioners.regions import OUTSIDE_MODES, RegionOptions
 from captioners.service import AFTER_USE, MAX_IMAGE_MPIXELS, MAX_REQUEST_MPIXELS, Settings
 
 SECTION = ("captioners", "Captioners")
 CATEGORY = "postprocessing"  # the Settings page groups sections by category
 PROMPT_MODES = ("replace", "append", "prepend")
+SAVE_EXISTING = ("skip", "overwrite")  # caption on save, a caption file already there
 STRATEGY_DEFAULT = "model default"
 DECIMAL = {"precision": 2, "step": 0.01, "minimum": 0.01}  # gr.Number's default step 1 refuses 0.5 in the page
 # A dropdown's hint goes into its own ``info``, never ``.info()``: the settings page puts an ``.info()``
@@ -44,7 +46,7 @@ def options(shared: Any, model_ids: Callable[[], list[str]]) -> dict[str, Any]:
     radio, slider = gr.Radio, gr.Slider
     return {
         "captioners_model": info(
-            DEFAULT_MODEL, "Model for the img2img caption button and the API", gr.Dropdown,
+            DEFAULT_MODEL, "Model for the img2img caption button, caption on save and the API", gr.Dropdown,
             lambda: {"choices": model_ids()}, refresh=model_ids),
         "captioners_device": info(
             "auto", "Device", gr.Dropdown,
@@ -91,11 +93,22 @@ def options(shared: Any, model_ids: Callable[[], list[str]]) -> dict[str, Any]:
         ).info("bigger images are refused (HTTP 413) before they are decoded"),
         "captioners_max_request_mpixels": info(
             MAX_REQUEST_MPIXELS, "API: all images of one request together, in million pixels", gr.Number, DECIMAL),
+        # Caption on save (captioners/webui/on_save.py): for people who generate synthetic datasets.
+        "captioners_save_captions": info(
+            False, "Caption on save: write a caption file beside every image the WebUI saves",
+        ).info("the image's name with .txt, captioned with the model above; grids are left out"),
+        "captioners_save_captions_prompt": info(
+            False, "Caption on save: start the caption file with the image's prompt",
+        ).info("prompt, then the caption"),
+        "captioners_save_captions_existing": info(
+            "skip", "Caption on save: when the caption file exists", radio, {"choices": list(SAVE_EXISTING)},
+        ).info("skip keeps it (the WebUI's own text file of generation parameters has that name too); "
+               "overwrite keeps a .bak copy of it first"),
     }
 
 
 def register(shared: Any, model_ids: Callable[[], list[str]]) -> None:
-    for key, option in options(shared, model_ids).items():
+    for key, option in {**options(shared, model_ids), **region_options(shared)}.items():
         option.section = SECTION
         if hasattr(option, "category_id"):  # A1111 >= 1.7, Forge, reForge group sections by category
             option.category_id = CATEGORY
@@ -139,8 +152,34 @@ def read(opts: Any, models_path: str) -> Settings:
         max_image_mpixels=positive("captioners_max_image_mpixels", MAX_IMAGE_MPIXELS),
         max_request_mpixels=positive("captioners_max_request_mpixels", MAX_REQUEST_MPIXELS),
         score_clip=(getattr(opts, "captioners_score_clip", "") or "").strip() or None,
+        region=read_region(opts),
     )
 
 
 def _seed(value: int) -> int | None:
     return value if value >= 0 else None
+
+
+# ---- captioning a masked area (the img2img region button, the tab's Region, the API's mask/box) ----
+def region_options(shared: Any) -> dict[str, Any]:
+    """The crop around a masked area: what happens outside the mask, and the margin around it."""
+    info = shared.OptionInfo
+    return {
+        "captioners_region_outside": info(
+            "keep", "Masked-area captions: outside the mask", gr.Radio, {"choices": list(OUTSIDE_MODES)},
+        ).info("keep the surroundings, grey them out or blur them: grey and blur keep the caption on the masked area"),
+        "captioners_region_margin": info(
+            10, "Masked-area captions: margin around the mask, in % of its size", gr.Slider,
+            {"minimum": 0, "maximum": 100, "step": 1},
+        ).info(f"at least {RegionOptions.min_margin} px; small areas grow to {RegionOptions.min_size} px"),
+    }
+
+
+def read_region(opts: Any) -> RegionOptions:
+    """The region Settings; a value the page could not have saved falls back to the default."""
+    outside = getattr(opts, "captioners_region_outside", "keep")
+    try:
+        margin = min(max(float(getattr(opts, "captioners_region_margin", 10)), 0.0), 100.0) / 100
+    except (TypeError, ValueError):
+        margin = RegionOptions.margin
+    return RegionOptions(outside=outside if outside in OUTSIDE_MODES else "keep", margin=margin)

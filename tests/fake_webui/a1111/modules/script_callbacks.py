@@ -9,8 +9,17 @@ from collections import namedtuple
 ScriptCallback = namedtuple("ScriptCallback", ["script", "callback", "name"])
 callback_map = {name: [] for name in (
     "callbacks_app_started", "callbacks_ui_tabs", "callbacks_ui_settings", "callbacks_after_component",
-    "callbacks_before_component", "callbacks_script_unloaded", "callbacks_on_reload", "callbacks_model_loaded")}
+    "callbacks_before_component", "callbacks_script_unloaded", "callbacks_on_reload", "callbacks_model_loaded",
+    "callbacks_before_image_saved", "callbacks_image_saved")}
 errors = []
+
+
+class ImageSaveParams:
+    def __init__(self, image, p, filename, pnginfo):
+        self.image = image        # the PIL image
+        self.p = p                # the processing object, or None (Extras, init images)
+        self.filename = filename  # the file the image is saved to
+        self.pnginfo = pnginfo    # dict; the infotext is under "parameters"
 
 
 def add_callback(callbacks, fun, *, name=None, category="unknown"):
@@ -90,3 +99,19 @@ def before_component_callback(component, **kwargs):
 
 def script_unloaded_callback():
     _run("callbacks_script_unloaded")
+
+
+def on_before_image_saved(callback, *, name=None):
+    add_callback(callback_map["callbacks_before_image_saved"], callback, name=name, category="before_image_saved")
+
+
+def on_image_saved(callback, *, name=None):
+    add_callback(callback_map["callbacks_image_saved"], callback, name=name, category="image_saved")
+
+
+def before_image_saved_callback(params: ImageSaveParams):
+    _run("callbacks_before_image_saved", params)
+
+
+def image_saved_callback(params: ImageSaveParams):
+    _run("callbacks_image_saved", params)

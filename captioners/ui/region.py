@@ -1,0 +1,97 @@
+"""The Caption tab's Region: caption only part of the image, given by a painted mask or a box.
+
+The mask is painted on a copy of the uploaded image (a brush component, see ``compat.mask_editor``);
+x, y, w, h fields give a box instead and work with every gradio version. The crop itself is
+``captioners.regions.crop_region``, as for the img2img button and the API.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import gradio as gr
+
+from captioners.errors import CaptionerError
+from captioners.regions import OUTSIDE_MODES, RegionError, RegionOptions, crop_region, editor_value, parse_box
+from captioners.service import CaptionService
+from captioners.ui.compat import mask_editor, show_progress
+
+NO_REGION = ("Paint over the area to caption on the Region image, or give its box (x, y, w, h; w and h above 0).")
+NO_IMAGE = "Upload an image first."
+
+
+class RegionControls:
+    """The brush, the box fields, the crop options and the button, inside the Region accordion."""
+
+    def __init__(self, prefix: str, defaults: RegionOptions):
+        self.editor = mask_editor("Region: paint over the area to caption (a copy of the image above)",
+                                  f"{prefix}_mask")
+        with gr.Row():
+            self.x = gr.Number(value=0, precision=0, label="Box x", elem_id=f"{prefix}_x")
+            self.y = gr.Number(value=0, precision=0, label="Box y", elem_id=f"{prefix}_y")
+            self.w = gr.Number(value=0, precision=0, label="Box width (0: use the mask)", elem_id=f"{prefix}_w")
+            self.h = gr.Number(value=0, precision=0, label="Box height", elem_id=f"{prefix}_h")
+        with gr.Row():
+            self.outside = gr.Radio(list(OUTSIDE_MODES), value=defaults.outside, label="Outside the region",
+                                    elem_id=f"{prefix}_outside")
+            self.margin = gr.Slider(0, 100, value=round(defaults.margin * 100), step=1,
+                                    label="Margin around the region (% of its size)", elem_id=f"{prefix}_margin")
+        self.button = gr.Button("Caption region", variant="primary", elem_id=f"{prefix}_button")
+
+    @property
+    def components(self) -> list[Any]:
+        return [self.editor, self.x, self.y, self.w, self.h, self.outside, self.margin]
+
+
+def region_of(image: Any, editor: Any, x: Any, y: Any, w: Any, h: Any) -> tuple[Any, Any]:
+    """(image, mask or box) to crop: a painted mask first (on the brush's own image), else the box
+    on the uploaded image. A RegionError when neither is given."""
+    painted_on, mask = editor_value(editor)
+    if mask is not None and mask.any():
+        source = painted_on if painted_on is not None else image
+        if source is None:
+            raise RegionError(NO_IMAGE)
+        return source, mask
+    source = image if image is not None else painted_on
+    if source is None:
+        raise RegionError(NO_IMAGE)
+    if not (w and h):
+        raise RegionError(NO_REGION)
+    return source, parse_box([_whole(x), _whole(y), _whole(w), _whole(h)])
+
+
+def _whole(value: Any) -> Any:
+    """A number field's value as a whole number (gradio gives floats, or None when cleared)."""
+    if value is None:
+        return 0
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def caption_region(service: CaptionService, image: Any, editor: Any, x: Any, y: Any, w: Any, h: Any,
+                   outside: str, margin: float, model_label: str | None, *fields: Any) -> tuple[Any, str, str]:
+    """Caption region button: (caption, status line, judgement table), as the Caption button."""
+    from captioners.ui.tab import caption_image
+
+    try:
+        source, region = region_of(image, editor, x, y, w, h)
+        defaults = service.settings().region
+        options = RegionOptions(outside=outside or defaults.outside, margin=float(margin or 0) / 100,
+                                min_margin=defaults.min_margin, min_size=defaults.min_size)
+        crop = crop_region(source, region, options)
+    except CaptionerError as exc:
+        return gr.update(), f"Error: {exc}", ""
+    text, status, table = caption_image(service, crop.image, model_label, *fields)
+    if not status.startswith("Error"):
+        status = f"{status} · region {crop.box}"
+    return text, status, table
+
+
+def region_section(service: CaptionService, image: Any, dropdown: Any, fields: list[Any], outputs: list[Any]) -> None:
+    """The Region accordion; ``fields``: the judging then decoding controls (as for caption_image)."""
+    with gr.Accordion("Region: caption part of the image", open=False, elem_id="captioners_region"):
+        region = RegionControls("captioners_region", service.settings().region)
+    # The brush paints on a copy of the uploaded image.
+    image.change(lambda value: value, inputs=[image], outputs=[region.editor], **show_progress(False))
+    region.button.click(partial(caption_region, service), inputs=[image, *region.components, dropdown, *fields],
+                        outputs=outputs)
