@@ -26,7 +26,7 @@ DECIMAL = {"precision": 2, "step": 0.01, "minimum": 0.01}  # gr.Number's default
 # A dropdown's hint goes into its own ``info``, never ``.info()``: the settings page puts an ``.info()``
 # hint after the component's <label> text, and gradio 4 (Forge) renders a dropdown without a <label>,
 # so Forge's page dropped the hint (its ui_settings_hints.js skips what it cannot place).
-DEVICE_HINT = "auto: the WebUI's interrogate device (follows --use-cpu)"
+DEVICE_HINT = "auto: the WebUI's interrogate device (follows --use-cpu; Forge Neo: its one device, --cpu)"
 
 
 def device_choices() -> list[str]:
