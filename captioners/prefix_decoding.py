@@ -4,47 +4,25 @@ The algorithms are those of the ClipCap reference (``generate2`` and ``generate_
 recompute the whole sequence for every new token and handle one image at a time. Here the prefix
 is run once, each step feeds only the new token, all images of a batch decode together, and
 images whose captions are finished leave the batch. The chosen tokens are the same.
+
+SBG's token prompts decode through the same loop (:func:`decode_prompts`). The forward passes
+are :mod:`captioners.gpt2_decoder`'s (the model's own modules, our own KV cache), so decoding does
+not depend on the cache API of the installed transformers.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 from typing import Any, Callable, Sequence
 
 import torch
 
+from captioners.gpt2_decoder import GPT2Decoder, KVCache
 from captioners.sampling import row_generators, sample_from_logits
-
-Cache = Any  # a tuple of (key, value) per layer (transformers < 4.36) or a transformers Cache object
 
 
 def max_steps(max_new_tokens: int, prefix_length: int, n_positions: int) -> int:
     """New tokens allowed: the last one chosen is never fed back, so it needs no position."""
     return max(0, min(max_new_tokens, n_positions - prefix_length + 1))
-
-
-@functools.lru_cache(maxsize=None)
-def _cache_argument(model_class: type) -> str:
-    """The forward() argument that takes the cache: ``cache`` from transformers 5.2x, where passing
-    ``past_key_values`` prints a FutureWarning at every step (it goes away in 5.40); before, the old name.
-    Looked up once per class: _step runs at every token."""
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
-
-
-def _step(gpt: torch.nn.Module, past: Cache, **inputs: torch.Tensor) -> tuple[torch.Tensor, Cache]:
-    out = gpt(**{_cache_argument(type(gpt)): past}, use_cache=True, return_dict=True, **inputs)
-    # Read by its own name: output.past_key_values warns too where the field is called cache.
-    cache = out["cache"] if "cache" in out.keys() else out.past_key_values
-    return out.logits[:, -1].float(), cache
-
-
-def select_rows(past: Cache, index: torch.Tensor) -> Cache:
-    """Keep (or repeat) the cache rows given by ``index``, for either cache format."""
-    if hasattr(past, "reorder_cache"):
-        past.reorder_cache(index)
-        return past
-    return tuple(tuple(t.index_select(0, index.to(t.device)) for t in layer) for layer in past)
 
 
 class PrefixRows:
@@ -57,38 +35,42 @@ class PrefixRows:
     exactly as before (G = 0 never builds the twins, so its tokens cannot change).
     """
 
-    def __init__(self, gpt: torch.nn.Module, guidance: float = 0.0, null_prefix: torch.Tensor | None = None):
+    def __init__(self, gpt: Any, guidance: float = 0.0, null_prefix: torch.Tensor | None = None):
         if guidance and null_prefix is None:
             raise ValueError("guidance needs a null prefix")
-        self.gpt, self.guidance, self.null_prefix = gpt, float(guidance or 0.0), null_prefix
-        self.past: Cache = None
+        self.decoder = GPT2Decoder(gpt)
+        self.guidance, self.null_prefix = float(guidance or 0.0), null_prefix
+        self.cache: KVCache | None = None
         self.rows = 0
 
-    def start(self, prefix: torch.Tensor) -> torch.Tensor:
+    def start(self, prefix: torch.Tensor, room: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the (rows, length, width) prefix, leaving cache room for ``room`` steps.
+        ``valid``: (rows, length) bool, False at left padding (prompts of different lengths)."""
         rows = self.rows = prefix.shape[0]
         if not self.guidance:
-            logits, self.past = _step(self.gpt, None, inputs_embeds=prefix)
+            logits, self.cache = self.decoder.start(prefix, room, valid)
             return logits
+        if valid is not None:
+            raise ValueError("guidance runs on unpadded prefixes")
         # The null prefix is the same for every row: run it once, then give each row its copy.
         null = self.null_prefix.to(prefix.device, prefix.dtype)
-        logits, self.past = _step(self.gpt, None, inputs_embeds=torch.cat((prefix, null)))
+        logits, self.cache = self.decoder.start(torch.cat((prefix, null)), room)
         twins = torch.cat((torch.arange(rows, device=prefix.device),
                            torch.full((rows,), rows, dtype=torch.long, device=prefix.device)))
-        self.past = select_rows(self.past, twins)
+        self.cache.select(twins)
         return self._combined(logits[twins])
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """(rows,) new tokens -> (rows, vocab) scores of the token after them."""
         ids = torch.cat((tokens, tokens)) if self.guidance else tokens
-        logits, self.past = _step(self.gpt, self.past, input_ids=ids[:, None])
-        return self._combined(logits)
+        return self._combined(self.decoder.step(self.cache, ids))
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep (or repeat) the rows given by ``index``; their null twins follow them."""
         rows = index.shape[0]
         if self.guidance:
             index = torch.cat((index, index + self.rows))
-        self.past = select_rows(self.past, index)
+        self.cache.select(index)
         self.rows = rows
 
     def _combined(self, logits: torch.Tensor) -> torch.Tensor:
@@ -124,33 +106,101 @@ def sampling_chooser(temperature: float, top_p: float, top_k: int | None, seed: 
     return choose
 
 
+class RepetitionPenalty:
+    """transformers' ``repetition_penalty`` (CTRL's): the score of a token a row has already seen is
+    divided by ``penalty`` where positive and multiplied where negative. A row has seen its own
+    prompt (never its padding) and the tokens it chose."""
+
+    def __init__(self, penalty: float, seen: torch.Tensor):
+        self.penalty, self.seen = penalty, seen  # seen: (rows, vocab) bool
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        penalised = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)
+        return torch.where(self.seen, penalised, logits)
+
+    def add(self, tokens: torch.Tensor) -> None:
+        self.seen.scatter_(1, tokens[:, None], True)
+
+    def keep(self, index: torch.Tensor) -> None:
+        self.seen = self.seen.index_select(0, index)
+
+
 @torch.inference_mode()
 def decode_tokens(gpt: torch.nn.Module, prefix: torch.Tensor, stop_token: int, steps: int,
                   choose: Chooser, guidance: float = 0.0, null_prefix: torch.Tensor | None = None) -> list[list[int]]:
     """Token-by-token decoding (greedy or sampled); each caption ends after ``stop_token``.
     ``guidance``: see :class:`PrefixRows` (the chooser then sees guided log-probs)."""
     batch = prefix.shape[0]
-    results: list[list[int]] = [[] for _ in range(batch)]
     if steps <= 0:
-        return results
+        return [[] for _ in range(batch)]
     model = PrefixRows(gpt, guidance, null_prefix)
-    logits = model.start(prefix)
-    rows = torch.arange(batch, device=prefix.device)
-    tokens = torch.empty(batch, 0, dtype=torch.long, device=prefix.device)
-    for step in range(steps):
-        next_tokens = choose(logits, rows)
+    logits = model.start(prefix, steps - 1)  # the last token chosen is never fed back
+    limits = torch.full((batch,), steps, device=prefix.device)
+    return _token_loop(model, logits, stop_token, limits, choose)
+
+
+@torch.inference_mode()
+def decode_prompts(gpt: Any, prompts: Sequence[Sequence[int]], count: int, stop_token: int, limits: Sequence[int],
+                   choose: Chooser, repetition_penalty: float | None = None) -> list[list[int]]:
+    """``count`` continuations of every token prompt, prompt-major (rows p * count ... p * count + count - 1
+    continue prompt p); a row ends after ``stop_token`` or after ``limits[p]`` new tokens.
+
+    The prompts are left-padded to one width and run once each; their rows are then repeated
+    ``count`` times in the cache. Each row sees positions 0, 1, ... from its first real token, as
+    if alone, so its tokens do not depend on the other prompts of the batch.
+    """
+    if not prompts or min(len(ids) for ids in prompts) == 0:
+        raise ValueError("every prompt needs at least one token")
+    if len(limits) != len(prompts) or min(limits) < 1:
+        raise ValueError("every prompt needs a limit of at least one new token")
+    wte = gpt.transformer.wte
+    device, width = wte.weight.device, max(len(ids) for ids in prompts)
+    # The padding id is never attended to (valid is False there); 0 is just a valid index.
+    ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], device=device)
+    valid = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=device)
+    model = PrefixRows(gpt)
+    logits = model.start(wte(ids), max(limits) - 1, valid)
+    repeat = torch.arange(len(prompts), device=device).repeat_interleave(count)
+    model.keep(repeat)
+    penalty = None
+    if repetition_penalty:
+        seen = _seen_tokens(ids, valid, logits.shape[-1]).index_select(0, repeat)
+        penalty = RepetitionPenalty(float(repetition_penalty), seen)
+    rows_limits = torch.tensor(list(limits), device=device).index_select(0, repeat)
+    return _token_loop(model, logits.index_select(0, repeat), stop_token, rows_limits, choose, penalty)
+
+
+def _seen_tokens(ids: torch.Tensor, valid: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(rows, vocab) bool: the ids each row holds where ``valid``."""
+    seen = torch.zeros(ids.shape[0], vocab + 1, dtype=torch.bool, device=ids.device)
+    seen.scatter_(1, ids.masked_fill(~valid, vocab), True)  # padding goes to an extra column, dropped
+    return seen[:, :vocab]
+
+
+def _token_loop(model: PrefixRows, logits: torch.Tensor, stop_token: int, limits: torch.Tensor, choose: Chooser,
+                penalty: RepetitionPenalty | None = None) -> list[list[int]]:
+    """Choose a token per active row until each row chose ``stop_token`` or ``limits[row]`` tokens;
+    finished rows leave the batch (and the cache)."""
+    batch = logits.shape[0]
+    results: list[list[int]] = [[] for _ in range(batch)]
+    rows = torch.arange(batch, device=logits.device)
+    tokens = torch.empty(batch, 0, dtype=torch.long, device=logits.device)
+    for step in range(int(limits.max())):
+        next_tokens = choose(logits if penalty is None else penalty(logits), rows)
         tokens = torch.cat((tokens, next_tokens[:, None]), dim=1)
-        done = next_tokens == stop_token
-        if step == steps - 1:
-            done[:] = True
+        if penalty is not None:
+            penalty.add(next_tokens)
+        done = (next_tokens == stop_token) | (limits <= step + 1)
         if bool(done.any()):
             for i in done.nonzero().flatten().tolist():
                 results[int(rows[i])] = tokens[i].tolist()
             keep = (~done).nonzero().flatten()
             if keep.numel() == 0:
                 break
-            tokens, next_tokens, rows = tokens[keep], next_tokens[keep], rows[keep]
+            tokens, next_tokens, rows, limits = tokens[keep], next_tokens[keep], rows[keep], limits[keep]
             model.keep(keep)
+            if penalty is not None:
+                penalty.keep(keep)
         logits = model.step(next_tokens)
     return results
 
@@ -180,7 +230,7 @@ def beam_candidates(gpt: torch.nn.Module, prefix: torch.Tensor, stop_token: int,
         return results
     device = prefix.device
     model = PrefixRows(gpt, guidance, null_prefix)
-    logits = model.start(prefix)
+    logits = model.start(prefix, steps - 1)
     log_probs = (logits / temperature).log_softmax(dim=-1)
     scores, next_tokens = log_probs.topk(k, dim=-1)                      # (B, K)
     model.keep(torch.arange(batch, device=device).repeat_interleave(k))

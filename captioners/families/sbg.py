@@ -4,7 +4,7 @@ CLIP picks keywords from a fixed vocabulary (:mod:`captioners.families.sbg_keywo
 fine-tuned on ``"kw1, kw2, ... ### caption"`` writes several captions from them without seeing the
 image; CLIP keeps the one closest to the image. Same steps and output as the ICG extension, but
 label features are cached on disk, images are encoded in batches, every candidate of every image
-is sampled in one ``generate`` call, and GPT-2 runs on CLIP's device.
+is sampled in one KV-cached decoding pass (each prompt run once), and GPT-2 runs on CLIP's device.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from captioners.families.clip_prefix import _clip_image_size
 from captioners.families.sbg_keywords import (LabelSets, TextFeatureStore, Vocabulary, prompt_for, rank,
                                               read_vocabulary_file, select_keywords)
 from captioners.options import DecodingOptions
-from captioners.sampling import RowSampler, row_generators
+from captioners.prefix_decoding import decode_prompts, greedy_chooser, sampling_chooser
 from captioners.text import GPT2_TOKENIZER, load_gpt2_tokenizer, tokenizer_asset
 from captioners.weights import WEIGHT_SUFFIXES, Asset, ensure_asset, load_state_dict, quiet_model_building
 
@@ -206,40 +206,36 @@ class SbgCaptioner(Captioner):
                 for i, (image, group) in enumerate(zip(images, candidates))]
 
     def generate(self, prompts: list[str], count: int, options: DecodingOptions) -> list[str]:
-        """``count`` continuations of every prompt (prompt-major), decoded with their prompt."""
+        """``count`` continuations of every prompt (prompt-major), decoded with their prompt.
+
+        Decoded by :func:`decode_prompts`, our own KV-cached loop, which chooses what transformers'
+        ``generate`` chose here before (greedy, or one seeded draw per row and step, after the
+        repetition penalty) on any transformers version. Candidate j of every image samples from
+        stream j of the seed."""
         if options.strategy not in (None, "sample", "greedy"):
             raise CaptionerError("SBG samples its captions: use --strategy sample (the default) or greedy.")
         eos = self.tokenizer.eos_token_id
         encoded = [self.tokenizer.encode(prompt) for prompt in prompts]
-        rows = [ids for ids in encoded for _ in range(count)]
-        width = max(len(ids) for ids in rows)
+        width = max(len(ids) for ids in encoded)
         n_positions = self.gpt.config.n_positions
         if width >= n_positions:
             raise CaptionerError(f"An SBG prompt has {width} tokens; this GPT-2 takes at most {n_positions - 1}.")
-        # Each row may grow to max_length tokens in all, as the original generation call allowed.
-        limits = [max(1, min(self.spec.config.max_length - len(ids), options.max_new_tokens or n_positions))
-                  for ids in rows]
-        input_ids = torch.tensor([[eos] * (width - len(ids)) + ids for ids in rows], device=self.device)
-        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in rows], device=self.device)
-        args: dict[str, Any] = dict(do_sample=False, num_beams=1, pad_token_id=eos, eos_token_id=eos,
-                                    max_new_tokens=min(max(limits), n_positions - width))
-        if options.repetition_penalty:
-            args["repetition_penalty"] = options.repetition_penalty
-        if options.strategy != "greedy":
-            from transformers import LogitsProcessorList
-
+        # Each row may grow to max_length tokens in all, as the original generation call allowed;
+        # the longest prompt's positions cap every row (the cache holds width + new tokens).
+        wanted, room = options.max_new_tokens or n_positions, n_positions - width
+        limits = [min(max(1, min(self.spec.config.max_length - len(ids), wanted)), room) for ids in encoded]
+        if options.strategy == "greedy":
+            choose = greedy_chooser()
+        else:
             streams = [j for _ in prompts for j in range(count)]  # candidate j of every image: stream j
-            sampler = RowSampler(row_generators(options.seed, streams), options.top_k, options.top_p or 1.0,
-                                 options.temperature or 1.0)
-            args["logits_processor"] = LogitsProcessorList([sampler])
-        with torch.inference_mode():
-            out = self.gpt.generate(input_ids=input_ids, attention_mask=attention_mask, **args)
+            choose = sampling_chooser(options.temperature or 1.0, options.top_p or 1.0, options.top_k, options.seed,
+                                      len(streams), streams)
+        new_tokens = decode_prompts(self.gpt, encoded, count, eos, limits, choose, options.repetition_penalty)
         texts = []
-        for ids, new, limit in zip(rows, out[:, width:].tolist(), limits):
-            new = new[:limit]
+        for row, new in enumerate(new_tokens):
             if eos in new:
                 new = new[:new.index(eos)]
-            texts.append(decode_like_the_pipeline(self.tokenizer, ids + new))
+            texts.append(decode_like_the_pipeline(self.tokenizer, encoded[row // count] + new))
         return texts
 
 
