@@ -167,7 +167,7 @@ def test_the_webuis_own_parameters_file_is_kept_by_default(webui, loaded, stub, 
     just before the image-saved callbacks run: skip keeps it, and no caption is made for nothing."""
     monkeypatch.setattr(webui.shared.opts, "save_txt", True, raising=False)
     turn_on(webui)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="captioners"):  # a CLI test may have set its level
         generate(webui, tmp_path)
     [image] = saved_images(tmp_path)
     assert image.with_suffix(".txt").read_text().startswith("a photo of a bus\nNegative prompt: blurry")
@@ -208,7 +208,7 @@ def test_an_empty_file_is_filled_and_an_unknown_policy_skips(webui, loaded, stub
 def test_a_failure_is_one_line_and_the_image_is_saved(webui, loaded, tmp_path, caplog, error):
     loaded.extension.service = StubService(error=error)
     turn_on(webui)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="captioners"):  # a CLI test may have set its level
         generate(webui, tmp_path)
     assert len(saved_images(tmp_path)) == 1 and not list((tmp_path / "samples").glob("*.txt"))
     assert webui.script_callbacks.errors == []  # the callback itself never raised

@@ -186,7 +186,7 @@ def test_a_users_mistake_is_one_line_and_the_image_is_still_made(webui, loaded, 
     script = ours(loaded.runner)
     p = img2img_p(loaded.runner, tmp_path, "oil painting", [rgba(photos[0])],
                   [True, "clipcap-coco", "replace", ", "], script=script)  # its files are missing
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="captioners"):  # a CLI test may have set its level
         processed = webui_img2img(webui, p)
     assert processed.all_prompts == ["oil painting"] and len(processed.images) == 1
     assert CAPTION_KEY not in processed.infotexts[0]
