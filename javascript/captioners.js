@@ -25,16 +25,18 @@ function captioners_mask_mode() {
     return index > 0 ? index : 0;
 }
 
-// Settings > Captioners > Model changed (Apply settings): the tab's model dropdowns follow it, through
-// the tab's hidden button (the server then reads the new Settings). The WebUI runs onOptionsChanged
-// callbacks when its options first arrive and after every save; only a change of the model counts.
-var captioners_settings_model = null;
+// Settings > Captioners changed (Apply settings): the tab's model dropdowns and the Caption tab's Region
+// defaults follow the Settings, through the tab's hidden button (the server then reads the new Settings).
+// The WebUI runs onOptionsChanged callbacks when its options first arrive and after every save; only a
+// change of one of these settings counts.
+var captioners_followed_options = ["captioners_model", "captioners_region_outside", "captioners_region_margin"];
+var captioners_settings_seen = null;
 
 function captioners_follow_settings() {
-    var model = typeof opts === "object" && opts ? opts.captioners_model : undefined;
-    if (model === undefined) return;
-    var changed = captioners_settings_model !== null && model !== captioners_settings_model;
-    captioners_settings_model = model;
+    if (typeof opts !== "object" || !opts || opts.captioners_model === undefined) return;
+    var seen = JSON.stringify(captioners_followed_options.map(function (key) { return opts[key]; }));
+    var changed = captioners_settings_seen !== null && seen !== captioners_settings_seen;
+    captioners_settings_seen = seen;
     var button = changed ? gradioApp().getElementById("captioners_follow_settings") : null;
     if (button) button.click();
 }

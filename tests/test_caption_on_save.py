@@ -145,8 +145,84 @@ def test_is_grid(tmp_path):
     assert is_grid(tmp_path / "grids" / "2024-01-01" / "grid-0001.png", P())
     assert not is_grid(tmp_path / "samples" / "00001-1.png", P())
     assert not is_grid(tmp_path / "samples" / "00001-1.png", None)  # Extras: no p
-    P.outpath_grids = P.outpath_samples  # one folder for both: nothing to tell them apart
-    assert not is_grid(tmp_path / "samples" / "grid-0001.png", P())
+    P.outpath_grids = P.outpath_samples  # one folder for both: the grid's own name tells
+    assert is_grid(tmp_path / "samples" / "grid-0001.png", P())
+    assert not is_grid(tmp_path / "samples" / "00002-1.png", P())
+
+
+def test_the_gallerys_save_of_a_grid_is_a_grid(tmp_path):
+    """The gallery's Save button rebuilds p from the generation's info: ``index_of_first_image`` is 1
+    when the gallery starts with the grid, and ``batch_index`` is the saved image's index - 1."""
+    class Saved:
+        index_of_first_image = 1
+        batch_index = -1
+
+    saved = tmp_path / "saved" / "00003-1.png"  # the Save folder, named like a sample
+    assert is_grid(saved, Saved())
+    Saved.batch_index = 0  # the first image after the grid
+    assert not is_grid(saved, Saved())
+    Saved.index_of_first_image = 0  # a single image: no grid in the gallery
+    assert not is_grid(saved, Saved())
+
+
+# ---- which images: final ones, under the name they were written as ----------------------------------
+@any_host
+def test_a_numbered_copy_gets_its_own_caption_file(webui, loaded, stub, tmp_path, monkeypatch):
+    """Settings > Saving > "Saving the image to an existing file: Add number suffix" (also set by img2img's
+    Batch with an output folder): A1111 writes <name>-1.png and still hands the callback <name>.png."""
+    from modules import images
+
+    monkeypatch.setattr(webui.shared.opts, "save_images_replace_action", "Add number suffix", raising=False)
+    turn_on(webui)
+    folder = tmp_path / "saved"
+    for _ in range(2):
+        within(TIMEOUT_S, lambda: images.save_image(Image.new("RGB", (8, 8)), str(folder), "",
+                                                   forced_filename="photo"))
+    assert sorted(path.name for path in folder.iterdir()) == ["photo-1.png", "photo-1.txt", "photo.png", "photo.txt"]
+    assert (folder / "photo.txt").read_text() == "a red bus"
+    assert (folder / "photo-1.txt").read_text() == "a green tram"
+
+
+def test_the_saved_file_is_the_newest_of_the_numbered_run(tmp_path):
+    """<name>.png free again (deleted), older numbered copies left: A1111 wrote <name>.png itself."""
+
+    class Opts:
+        save_images_replace_action = "Add number suffix"
+
+    for age, name in enumerate(["photo-2.png", "photo-1.png", "photo.png"]):
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, ns=(10**18 + age * 10**9,) * 2)
+    assert on_save.saved_file(tmp_path / "photo.png", Opts()) == tmp_path / "photo.png"
+    os.utime(tmp_path / "photo-2.png", ns=(2 * 10**18,) * 2)
+    assert on_save.saved_file(tmp_path / "photo.png", Opts()) == tmp_path / "photo-2.png"
+    Opts.save_images_replace_action = "Replace"
+    assert on_save.saved_file(tmp_path / "photo.png", Opts()) == tmp_path / "photo.png"
+
+
+@any_host
+def test_intermediate_images_get_no_caption_file(webui, loaded, stub, tmp_path, monkeypatch):
+    """A dataset wants the final images only: not the copies before highres fix, face restoration or
+    color correction, inpainting's masks, nor img2img's init images (saved without p, in their folder)."""
+    from modules import images, processing
+
+    samples, init_images = tmp_path / "samples", tmp_path / "init-images"
+    monkeypatch.setattr(webui.shared.opts, "outdir_init_images", str(init_images), raising=False)
+    turn_on(webui)
+    p = processing.StableDiffusionProcessingTxt2Img(prompt="a bus", outpath_samples=str(samples),
+                                                    outpath_grids=str(tmp_path / "grids"))
+
+    def save(suffix, path=samples, on_p=p, basename="", **kwargs):
+        within(TIMEOUT_S, lambda: images.save_image(Image.new("RGB", (8, 8)), str(path), basename, seed=1, p=on_p,
+                                                   suffix=suffix, **kwargs))
+
+    for suffix in on_save.INTERMEDIATE_SUFFIXES:
+        save(suffix)
+    save("", path=init_images, on_p=None, basename=None, forced_filename="0123abcd")
+    assert not list(tmp_path.rglob("*.txt")) and stub.calls == []
+    save("")  # the final image
+    [caption] = list(tmp_path.rglob("*.txt"))
+    assert caption.parent == samples and not caption.stem.endswith(on_save.INTERMEDIATE_SUFFIXES)
+    assert caption.read_text() == "a red bus" and len(stub.calls) == 1
 
 
 @any_host

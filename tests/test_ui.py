@@ -54,14 +54,17 @@ def test_dropdown_marks_models_with_missing_files(service):
 
 def test_dropdowns_open_on_a_ready_model_and_follow_the_settings(tiny_models_dir):
     """A fresh install's Settings model has no files yet: the Caption and Batch dropdowns open on one
-    that runs. The WebUI builds the tab once: on page load and after Settings change the model, the
-    dropdowns must show the current Settings (they kept the start-up model until a restart)."""
+    that runs. The WebUI builds the tab once: on page load and after Settings change the model or the
+    region defaults, the dropdowns and the Region's outside mode and margin must show the current
+    Settings (they kept the start-up values until a restart)."""
+    from captioners.regions import RegionOptions
     from captioners.ui.tab import FOLLOW_SETTINGS_ID, follow_settings
 
-    current = {"model": "clipcap-coco"}  # the Settings' model, changed by the test as a user would
+    # The Settings, changed by the test as a user would.
+    current = {"model": "clipcap-coco", "region": RegionOptions()}
 
     def settings():
-        return Settings(models_dir=tiny_models_dir, model=current["model"], device="cpu")
+        return Settings(models_dir=tiny_models_dir, model=current["model"], device="cpu", region=current["region"])
 
     service = CaptionService(Host(settings))
     labels, shown = model_choices(service)
@@ -69,18 +72,22 @@ def test_dropdowns_open_on_a_ready_model_and_follow_the_settings(tiny_models_dir
     assert model_choices(service, prefer_ready=False)[1] == "clipcap-coco" + render.MISSING
     blocks = build_tab(service)
     ids = {block._id: getattr(block, "elem_id", None) for block in blocks.blocks.values()}
-    order = ["captioners_models_model", "captioners_models_table", "captioners_model", "captioners_batch_model"]
+    order = ["captioners_models_model", "captioners_models_table", "captioners_model", "captioners_batch_model",
+             "captioners_region_outside", "captioners_region_margin"]
     followers = [dep for dep in blocks.config["dependencies"]
                  if not dep["inputs"] and [ids.get(o) for o in dep["outputs"]] == order]
     assert len(followers) == 2  # the page's load, and the hidden button the page's script clicks
     assert FOLLOW_SETTINGS_ID in ids.values()
     current["model"] = TINY
-    models, table, caption, batch = follow_settings(service)
+    models, table, caption, batch, outside, margin = follow_settings(service)
     assert models["value"] == caption["value"] == batch["value"] == TINY and caption["choices"] == labels
     assert "tiny test model" in table
+    assert (outside["value"], margin["value"]) == ("keep", 10)
     current["model"] = "clipcap-coco"
-    models, _, caption, _ = follow_settings(service)
+    current["region"] = RegionOptions(outside="blur", margin=0.25)
+    models, _, caption, _, outside, margin = follow_settings(service)
     assert models["value"] == "clipcap-coco" + render.MISSING and caption["value"] == TINY
+    assert (outside["value"], margin["value"]) == ("blur", 25)
 
 
 def test_a_damaged_upload_is_named_not_a_bytesio(service):
@@ -236,7 +243,7 @@ def test_no_pip_at_run_time():
 
 # ---- javascript ------------------------------------------------------------------------------------
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
-def test_js_makes_the_tab_follow_a_settings_change_of_the_model():
+def test_js_makes_the_tab_follow_a_settings_change_of_the_model_and_the_region():
     script = """
         var callbacks = [], clicks = 0, opts = {};
         function onOptionsChanged(callback) { callbacks.push(callback); }
@@ -244,16 +251,20 @@ def test_js_makes_the_tab_follow_a_settings_change_of_the_model():
         var document = { getElementById: function (id) {
             return id === "captioners_follow_settings" ? { click: function () { clicks += 1; } } : null; } };
     """ + (ROOT / "javascript" / "captioners.js").read_text() + """
-        function changed(options) { opts = options; callbacks.forEach(function (c) { c(); }); }
-        changed({captioners_model: "a"});  // the options arrive with the page: the tab is built for them
-        changed({captioners_model: "a", other: 1});  // another setting saved
-        var before = clicks;
-        changed({captioners_model: "b"});  // Settings > Captioners > Model changed
-        console.log(JSON.stringify([before, clicks, callbacks.length]));
+        var counts = [];
+        function changed(options) { opts = options; callbacks.forEach(function (c) { c(); }); counts.push(clicks); }
+        var region = {captioners_region_outside: "keep", captioners_region_margin: 10};
+        // the options arrive with the page: the tab is built for them
+        changed(Object.assign({captioners_model: "a"}, region));
+        changed(Object.assign({captioners_model: "a", other: 1}, region));  // another setting saved
+        changed(Object.assign({}, region, {captioners_model: "b"}));  // Settings > Captioners > Model changed
+        changed({captioners_model: "b", captioners_region_outside: "blur", captioners_region_margin: 10});
+        changed({captioners_model: "b", captioners_region_outside: "blur", captioners_region_margin: 30});
+        console.log(JSON.stringify([counts, callbacks.length]));
     """
     out = subprocess.run(["node", "-e", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == [0, 1, 1]
+    assert json.loads(out.stdout) == [[0, 0, 1, 2, 3], 1]
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")

@@ -33,15 +33,27 @@ class RegionControls:
             self.w = gr.Number(value=0, precision=0, label="Box width (0: use the mask)", elem_id=f"{prefix}_w")
             self.h = gr.Number(value=0, precision=0, label="Box height", elem_id=f"{prefix}_h")
         with gr.Row():
-            self.outside = gr.Radio(list(OUTSIDE_MODES), value=defaults.outside, label="Outside the region",
+            outside, margin = region_values(defaults)
+            self.outside = gr.Radio(list(OUTSIDE_MODES), value=outside, label="Outside the region",
                                     elem_id=f"{prefix}_outside")
-            self.margin = gr.Slider(0, 100, value=round(defaults.margin * 100), step=1,
+            self.margin = gr.Slider(0, 100, value=margin, step=1,
                                     label="Margin around the region (% of its size)", elem_id=f"{prefix}_margin")
         self.button = gr.Button("Caption region", variant="primary", elem_id=f"{prefix}_button")
 
     @property
     def components(self) -> list[Any]:
         return [self.editor, self.x, self.y, self.w, self.h, self.outside, self.margin]
+
+
+def region_values(defaults: RegionOptions) -> tuple[str, int]:
+    """The (outside mode, margin in %) controls' values for the region Settings."""
+    return defaults.outside, round(defaults.margin * 100)
+
+
+def region_defaults(defaults: RegionOptions) -> list[Any]:
+    """Updates of the outside mode and margin controls to the region Settings, on page load and after a
+    Settings change: the WebUI builds the tab once, so the values it was built with went stale."""
+    return [gr.update(value=value) for value in region_values(defaults)]
 
 
 def region_of(image: Any, editor: Any, x: Any, y: Any, w: Any, h: Any) -> tuple[Any, Any]:
@@ -87,11 +99,14 @@ def caption_region(service: CaptionService, image: Any, editor: Any, x: Any, y: 
     return text, status, table
 
 
-def region_section(service: CaptionService, image: Any, dropdown: Any, fields: list[Any], outputs: list[Any]) -> None:
-    """The Region accordion; ``fields``: the judging then decoding controls (as for caption_image)."""
+def region_section(service: CaptionService, image: Any, dropdown: Any, fields: list[Any], outputs: list[Any]
+                   ) -> RegionControls:
+    """The Region accordion; ``fields``: the judging then decoding controls (as for caption_image).
+    Returns its controls: the tab's follow-the-Settings handler updates the outside mode and margin."""
     with gr.Accordion("Region: caption part of the image", open=False, elem_id="captioners_region"):
         region = RegionControls("captioners_region", service.settings().region)
     # The brush paints on a copy of the uploaded image.
     image.change(lambda value: value, inputs=[image], outputs=[region.editor], **show_progress(False))
     region.button.click(partial(caption_region, service), inputs=[image, *region.components, dropdown, *fields],
                         outputs=outputs)
+    return region

@@ -22,7 +22,7 @@ from captioners.ui.compat import blocks_kwargs, image_sources, show_progress
 from captioners.ui.controls import DecodingControls, JudgingControls, choices_from, chosen_models, decoding_mapping, \
     judging_mapping, model_dropdown, model_row, refresh_models, user_error
 from captioners.ui.local_paths import local_paths_section
-from captioners.ui.region import region_section
+from captioners.ui.region import RegionControls, region_defaults, region_section
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,11 @@ def refresh_all(service: CaptionService, current: str | None, *others: str | Non
 
 
 def follow_settings(service: CaptionService) -> list[Any]:
-    """Page load, and a change of Settings > Captioners > Model: (Models dropdown, models table, Caption
-    dropdown, Batch dropdown) as the Settings and the files are now. The Caption and Batch dropdowns show
-    the Settings' model or a ready one (see choices_from), the Models section the Settings' model itself.
-    The WebUI builds the tab once, at start-up: without this they kept that moment's model until a restart."""
+    """Page load, and a change of Settings > Captioners > Model or the region settings: (Models dropdown,
+    models table, Caption dropdown, Batch dropdown, Region outside mode, Region margin) as the Settings and
+    the files are now. The Caption and Batch dropdowns show the Settings' model or a ready one (see
+    choices_from), the Models section the Settings' model itself. The WebUI builds the tab once, at
+    start-up: without this they kept that moment's model and region defaults until a restart."""
     try:
         rows = service.model_rows()
         settings = service.settings()
@@ -104,7 +105,7 @@ def follow_settings(service: CaptionService) -> list[Any]:
     _, configured = choices_from(rows, settings.model, prefer_ready=False)
     table = render.models_table(rows, str(settings.models_dir))
     return [gr.update(choices=labels, value=configured), table, gr.update(choices=labels, value=shown),
-            gr.update(choices=labels, value=shown)]
+            gr.update(choices=labels, value=shown), *region_defaults(settings.region)]
 
 
 # ---- layout ---------------------------------------------------------------------------------------
@@ -118,23 +119,26 @@ def build_tab(service: CaptionService, hooks: TabHooks | None = None, title: str
     with gr.Blocks(analytics_enabled=False, **blocks_kwargs(title, css)) as tab:
         with gr.Tabs(elem_id="captioners_tabs"):
             with gr.Tab("Caption", elem_id="captioners_tab_caption"):
-                caption_dropdown = _caption_section(service, hooks, labels, default)
+                caption_dropdown, region = _caption_section(service, hooks, labels, default)
             with gr.Tab("Batch", elem_id="captioners_tab_batch"):
                 batch_dropdown = batch_section(service, labels, default, model_row)
             with gr.Tab("Models", elem_id="captioners_tab_models"):
                 configured = choices_from(rows, settings_model, prefer_ready=False)[1]
                 models_dropdown, table = _models_section(service, rows, labels, configured,
                                                          [caption_dropdown, batch_dropdown])
-        # Clicked by javascript/captioners.js when the WebUI's Settings change the model.
+        # Clicked by javascript/captioners.js when the WebUI's Settings change the model or the region.
         follow = gr.Button("Follow Settings", visible=False, elem_id=FOLLOW_SETTINGS_ID)
         follow_args = dict(fn=partial(follow_settings, service),
-                           outputs=[models_dropdown, table, caption_dropdown, batch_dropdown], **show_progress(False))
+                           outputs=[models_dropdown, table, caption_dropdown, batch_dropdown, region.outside,
+                                    region.margin], **show_progress(False))
         follow.click(**follow_args)
         tab.load(**follow_args)
     return tab
 
 
-def _caption_section(service: CaptionService, hooks: TabHooks, labels: list[str], default: str | None) -> Any:
+def _caption_section(service: CaptionService, hooks: TabHooks, labels: list[str], default: str | None
+                     ) -> tuple[Any, RegionControls]:
+    """The Caption tab; returns (model dropdown, Region controls): both follow the Settings."""
     with gr.Row(equal_height=False):
         with gr.Column():
             image = gr.Image(type="pil", label="Image", elem_id="captioners_image", **image_sources("upload"))
@@ -151,8 +155,8 @@ def _caption_section(service: CaptionService, hooks: TabHooks, labels: list[str]
             hooks.send_buttons(image, caption)
     fields = [*judging.components, *decoding.components]
     button.click(partial(caption_image, service), inputs=[image, dropdown, *fields], outputs=[caption, status, judged])
-    region_section(service, image, dropdown, fields, [caption, status, judged])
-    return dropdown
+    region = region_section(service, image, dropdown, fields, [caption, status, judged])
+    return dropdown, region
 
 
 def _models_section(service: CaptionService, rows: list[Any], labels: list[str], default: str | None,

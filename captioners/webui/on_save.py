@@ -1,4 +1,4 @@
-"""Caption on save: a caption file ``<image stem>.txt`` beside every image the WebUI saves.
+"""Caption on save: a caption file ``<image stem>.txt`` beside every final image the WebUI saves.
 
 For people who generate synthetic datasets. Registered with ``script_callbacks.on_image_saved`` by
 ``scripts/captioners_save_captions.py``; the WebUI calls it after writing each image (txt2img and
@@ -6,7 +6,12 @@ img2img samples, Extras, the gallery's Save button...) with ``params.image``, ``
 ``params.p`` (None outside a generation) and ``params.pnginfo`` (the infotext under "parameters").
 
 - Off unless Settings → Captioners → "Caption on save" is on; the model is the Settings' model.
-- Grids are left out: a caption of a contact sheet is no dataset caption.
+- Only final images get one: grids (a caption of a contact sheet is no dataset caption) and the
+  intermediate copies the WebUI can save (before highres fix / face restoration / color correction,
+  inpainting masks and composites, img2img init images) are left out (``is_final``).
+- ``params.filename`` is the name the WebUI meant; with Settings → Saving → "Saving the image to an
+  existing file: Add number suffix" A1111 writes ``<name>-1.png`` instead without telling the
+  callback, so the written file is found again (``saved_file``).
 - It runs inside the generation, which holds the WebUI's queue lock: the service is called with
   ``in_current_job=True`` so it never waits for that lock.
 - An existing caption file is kept unless the setting says overwrite (then a ``.bak`` copy is kept
@@ -36,6 +41,11 @@ ENABLED = "captioners_save_captions"
 WITH_PROMPT = "captioners_save_captions_prompt"
 EXISTING = "captioners_save_captions_existing"
 SEPARATOR = ", "  # between the prompt and the caption
+# What A1111 (and Forge, which keeps its processing.py) appends to a sample's name for the intermediate
+# copies it saves during a generation (processing.py's save_image(..., suffix=...) calls).
+INTERMEDIATE_SUFFIXES = ("-before-highres-fix", "-before-face-restoration", "-before-color-correction",
+                         "-mask", "-mask-composite")
+GRID_PREFIX = "grid-"  # a generation's grids are saved with basename "grid": grid-0001...
 # A key: value pair of an infotext's last line; three or more make it the parameters line (as the
 # WebUI's own parser decides).
 PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -60,10 +70,11 @@ def on_image_saved(params: Any) -> None:
 
 def save_caption(params: Any, opts: Any, service: Any) -> Path | None:
     """Write the caption file of the saved image; returns it (None when nothing was written)."""
-    image_file = Path(params.filename)
-    if is_grid(image_file, getattr(params, "p", None)):
+    meant = Path(params.filename)
+    if not is_final(meant, getattr(params, "p", None), opts):
+        log.debug("Captioners: no caption file for %s (a grid or an intermediate image)", meant)
         return None
-    target = image_file.with_suffix(".txt")
+    target = saved_file(meant, opts).with_suffix(".txt")
     policy = _policy(opts)
     if policy == ExistingPolicy.SKIP and _has_text(target):  # checked first: no caption is made for nothing
         log.info("Captioners: kept the existing %s", target)
@@ -83,15 +94,54 @@ def save_caption(params: Any, opts: Any, service: Any) -> Path | None:
     return target
 
 
+def saved_file(meant: Path, opts: Any) -> Path:
+    """The file the WebUI wrote for ``params.filename``. With "Add number suffix" A1111 writes
+    ``<name>-1.png`` (``-2``...) when ``<name>.png`` exists, counting up from 1 to the first free name,
+    and the callback still gets ``<name>.png``. This image is the newest file of that unbroken run
+    (not simply its last name: ``<name>.png`` may have been free again, with older numbered copies left)."""
+    if getattr(opts, "save_images_replace_action", "Replace") == "Replace":
+        return meant
+    run, number = [meant], 1
+    while (numbered := meant.with_name(f"{meant.stem}-{number}{meant.suffix}")).exists():
+        run, number = [*run, numbered], number + 1
+    return max(run, key=_modified)
+
+
+def _modified(path: Path) -> float:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return -1
+
+
+def is_final(meant: Path, p: Any, opts: Any) -> bool:
+    """Whether the image is a final output (a sample, an Extras result, a gallery Save), not a grid
+    or an intermediate copy. The callback is not told which; the names and folders the WebUI uses tell."""
+    if p is None:  # Extras; img2img's init images, saved without p, named by their hash, in their own folder
+        return not _in_folder(meant, getattr(opts, "outdir_init_images", None))
+    return not (is_grid(meant, p) or meant.stem.endswith(INTERMEDIATE_SUFFIXES))
+
+
 def is_grid(image_file: Path, p: Any) -> bool:
-    """Whether the WebUI saved a grid: a file in the generation's grids folder, when that folder is
-    not its samples folder too (then a grid cannot be told apart)."""
+    """Whether the WebUI saved a grid: the gallery's Save of a grid (its p, rebuilt from the generation,
+    has ``index_of_first_image``: the images before it are grids), a ``grid-...`` name of a generation,
+    or a file in the generation's grids folder when that is not its samples folder too."""
+    if p is None:
+        return False
+    first_image, index = getattr(p, "index_of_first_image", None), getattr(p, "batch_index", None)
+    if isinstance(first_image, int) and isinstance(index, int):
+        return index + 1 < first_image  # the gallery's Save sets batch_index to the image's index - 1
+    if image_file.stem.startswith(GRID_PREFIX):
+        return True
     grids = getattr(p, "outpath_grids", None)
     samples = getattr(p, "outpath_samples", None)
     if not grids or (samples and os.path.abspath(samples) == os.path.abspath(grids)):
         return False
-    grids_dir = Path(os.path.abspath(grids))
-    return Path(os.path.abspath(image_file)).is_relative_to(grids_dir)
+    return _in_folder(image_file, grids)
+
+
+def _in_folder(image_file: Path, folder: str | None) -> bool:
+    return bool(folder) and Path(os.path.abspath(image_file)).is_relative_to(os.path.abspath(folder))
 
 
 def image_prompt(params: Any) -> str:

@@ -96,7 +96,8 @@ def options(shared: Any, model_ids: Callable[[], list[str]]) -> dict[str, Any]:
         # Caption on save (captioners/webui/on_save.py): for people who generate synthetic datasets.
         "captioners_save_captions": info(
             False, "Caption on save: write a caption file beside every image the WebUI saves",
-        ).info("the image's name with .txt, captioned with the model above; grids are left out"),
+        ).info("the image's name with .txt, captioned with the model above; grids and intermediate images "
+               "(before highres fix, masks, init images) are left out"),
         "captioners_save_captions_prompt": info(
             False, "Caption on save: start the caption file with the image's prompt",
         ).info("prompt, then the caption"),

@@ -4,6 +4,11 @@ Order: the name ``<number>-<seed><suffix>.<ext>`` (``<basename>-<number>`` for g
 before-image-saved callbacks, the image with its infotext in the PNG's "parameters" text, the
 ``<name>.txt`` of generation parameters when ``opts.save_txt`` is on, then the image-saved callbacks
 (which therefore see that .txt file already written).
+
+With ``opts.save_images_replace_action`` other than "Replace" (A1111's "Add number suffix", which its
+img2img Batch with an output folder also sets), an image whose file exists is written as
+``<name>-1.<ext>`` (``-2``, ...) while ``params.filename``, the .txt file and the returned name keep
+``<name>.<ext>``, as in A1111.
 """
 
 import os
@@ -26,6 +31,18 @@ def _next_number(path):
     return max(numbers, default=-1) + 1
 
 
+def _free_name(filename):
+    """Where the image is written: the name itself, unless numbered copies are asked for and it exists."""
+    if getattr(shared.opts, "save_images_replace_action", "Replace") == "Replace":
+        return filename
+    stem, extension = os.path.splitext(filename)
+    number, free = 0, filename
+    while os.path.exists(free):
+        number += 1
+        free = f"{stem}-{number}{extension}"
+    return free
+
+
 def save_image(image, path, basename, seed=None, prompt=None, extension="png", info=None, short_filename=False,
                no_prompt=False, grid=False, pnginfo_section_name="parameters", p=None, existing_info=None,
                forced_filename=None, suffix="", save_to_dirs=None):
@@ -45,7 +62,7 @@ def save_image(image, path, basename, seed=None, prompt=None, extension="png", i
     text = PngImagePlugin.PngInfo()
     for key, value in params.pnginfo.items():
         text.add_text(key, str(value))
-    params.image.save(params.filename, pnginfo=text)
+    params.image.save(_free_name(params.filename), pnginfo=text, format="PNG")
     txt_fullfn = None
     if getattr(shared.opts, "save_txt", False) and info is not None:
         txt_fullfn = f"{os.path.splitext(params.filename)[0]}.txt"
