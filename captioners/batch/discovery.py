@@ -1,6 +1,7 @@
 """Finding the images of a job and where each one's caption goes.
 
-Inputs are folders (optionally recursive), image files, glob patterns and a file list. Files that are
+Inputs are folders (optionally recursive), image files, glob patterns, a file list, and URIs of object
+storage (``s3://bucket/prefix/``: see remote.py; their captions need ``output_dir``). Files that are
 not images (caption sidecars, notes, hidden files) are ignored, not reported. Each image maps to one
 caption file ``<stem><ext>``: beside it, or under ``output_dir`` mirroring its place below the input
 folder. Two images that would share a caption file (``a.jpg`` and ``a.png``) are reported instead of
@@ -12,9 +13,10 @@ from __future__ import annotations
 import glob
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
+from captioners.batch.remote import RemoteFile, find_remote, is_uri
 from captioners.display import display_path
 from captioners.errors import CaptionerError
 from captioners.images import is_image_path
@@ -24,9 +26,9 @@ GLOB_CHARS = "*?["
 
 @dataclass(frozen=True)
 class Found:
-    """An image and the folder its relative (mirrored) path is taken from."""
+    """An image and the folder its relative (mirrored) path is taken from (a remote file knows its own)."""
 
-    path: Path
+    path: Path | RemoteFile
     root: Path
 
 
@@ -35,7 +37,7 @@ class Planned:
     """An image of the job with its caption file."""
 
     index: int
-    image: Path
+    image: Path | RemoteFile
     caption_file: Path
     id: str = ""  # stable across runs: the image's path relative to its input root (see image_id)
 
@@ -74,7 +76,9 @@ def find_images(inputs: list[str], recursive: bool = False, file_list: str | Non
     sub-folders that cannot be listed are added to ``unreadable`` as (folder, reason)."""
     for item in inputs:
         path = Path(item).expanduser()
-        if path.is_dir():
+        if is_uri(item):
+            yield from (Found(file, Path()) for file in find_remote(item, recursive))
+        elif path.is_dir():
             yield from _walk(path, recursive, unreadable if unreadable is not None else [])
         elif any(c in item for c in GLOB_CHARS) and not path.exists():
             root = _glob_root(item)
@@ -152,6 +156,8 @@ def _read_file_list(path: Path) -> Iterator[Found]:
 def caption_path(found: Found, extension: str, output_dir: Path | None) -> Path:
     """``<stem><ext>`` beside the image, or at the image's relative place under ``output_dir``."""
     name = found.path.stem + extension
+    if isinstance(found.path, RemoteFile):  # plan_images refuses remote inputs without output_dir
+        return (output_dir or Path()) / PurePosixPath(found.path.relative).parent / name
     if output_dir is None:
         return found.path.with_name(name)
     try:
@@ -164,6 +170,10 @@ def caption_path(found: Found, extension: str, output_dir: Path | None) -> Path:
 def plan_images(inputs: list[str], recursive: bool, file_list: str | None, extension: str,
                 output_dir: str | None) -> Discovery:
     """Every image once (by real path) with its caption file; caption-file clashes are failures."""
+    remote = next((item for item in inputs if is_uri(item)), None)
+    if remote and not output_dir:
+        raise CaptionerError(f"Input {remote} is a URI: no caption file can be written beside images in object "
+                             "storage; give a local folder for them (--output-dir, or output_dir of the job).")
     out_dir = Path(output_dir).expanduser() if output_dir else None
     items: list[Planned] = []
     failed: list[tuple[str, str]] = []
@@ -171,7 +181,7 @@ def plan_images(inputs: list[str], recursive: bool, file_list: str | None, exten
     owners: dict[str, Path] = {}
     ids: set[str] = set()
     for found in find_images(inputs, recursive, file_list, failed):
-        key = real_key(found.path)
+        key = found.path.uri if isinstance(found.path, RemoteFile) else real_key(found.path)
         if key in seen_images:
             continue
         seen_images.add(key)
@@ -194,12 +204,16 @@ def plan_images(inputs: list[str], recursive: bool, file_list: str | None, exten
 
 def image_id(found: Found, taken: set[str]) -> str:
     """The image's path relative to its input root ('holiday/cat.jpg'), the same in every run of the
-    same inputs; when two inputs hold the same relative path, the later image's real path instead."""
-    try:
-        candidate = found.path.relative_to(found.root).as_posix()
-    except ValueError:
-        candidate = real_key(found.path)
+    same inputs; when two inputs hold the same relative path, the later image's real path (or URI) instead."""
+    if isinstance(found.path, RemoteFile):
+        candidate, unique = found.path.relative, found.path.uri
+    else:
+        unique = real_key(found.path)
+        try:
+            candidate = found.path.relative_to(found.root).as_posix()
+        except ValueError:
+            candidate = unique
     if candidate in taken:
-        candidate = real_key(found.path)
+        candidate = unique
     taken.add(candidate)
     return candidate

@@ -28,6 +28,7 @@ from typing import Iterator
 import torch
 
 from captioners.batch.job import Loader
+from captioners.batch.remote import RemoteFile
 from captioners.batch.steps import Pixels, PreprocessStep
 
 PREFETCH_BATCHES = 2  # batches decoded ahead of the model
@@ -51,7 +52,7 @@ class LoadedBatch:
 class ImageDataset(torch.utils.data.Dataset):
     """The images of a run, each read and preprocessed by the engines' shared step when asked for."""
 
-    def __init__(self, paths: list[Path], preprocess: PreprocessStep):
+    def __init__(self, paths: list[Path | RemoteFile], preprocess: PreprocessStep):
         self.paths = paths
         self.preprocess = preprocess
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from captioners.batch.discovery import Discovery, real_key
+from captioners.batch.remote import RemoteFile
 from captioners.batch.writing import replace_file
 from captioners.display import display_path, json_bytes
 from captioners.errors import CaptionerError
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Record:
     index: int
-    image: Path
+    image: Path | RemoteFile
     caption_file: Path
     caption: str
     new: bool  # captioned in this run (False: an existing caption that was kept)
@@ -119,10 +120,11 @@ class CombinedOutputs:
         except CaptionerError as exc:
             log.warning("%s; merging into its content from the start of the run", exc)
             metadata = dict(self.kohya_existing)
-        owners: dict[str, Path] = {}
+        owners: dict[str, Path | RemoteFile] = {}
         warnings = []
         for r in records:
-            key = str(r.image.resolve()) if self.kohya_full_path else r.image.stem
+            full = str(r.image) if isinstance(r.image, RemoteFile) else str(r.image.resolve())
+            key = full if self.kohya_full_path else r.image.stem
             if key in owners:
                 warnings.append(f"kohya metadata key {key!r} is shared by {owners[key]} and {r.image}; "
                                 "the latter is kept (--kohya-full-path, or kohya_full_path in the API, gives unique keys)")

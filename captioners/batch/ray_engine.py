@@ -1,7 +1,8 @@
 """The Ray engine: the batch engine's two steps on a Ray cluster (``batch --engine ray``).
 
 Ray Data runs the job as ``from_items`` (the images left to caption) -> ``map_batches(preprocess)``
-(CPU tasks: path -> the model's input, failures as rows) -> ``map_batches(CaptionWorker)`` (an actor
+(CPU tasks: path -> the model's input, failures as rows; an image in object storage is read there,
+never on the driver) -> ``map_batches(CaptionWorker)`` (an actor
 pool, the models loaded once per actor, on a GPU when the actor has one) -> this process, which
 appends every batch of rows to the result table (``table.py``) and only then hands the rows to the
 runner, whose writer makes the caption files exactly as for a local run.
@@ -35,6 +36,7 @@ from captioners.batch.job import BatchJob
 from captioners.batch.journal import job_key, journal_folder
 from captioners.batch.judged import RunJudgement
 from captioners.batch.local_engine import Outcome
+from captioners.batch.remote import RemoteFile
 from captioners.batch.steps import CaptionStep, ModelRequest, PreprocessStep, judged_from_row
 from captioners.batch.table import ResultTable, arrow_schema
 from captioners.errors import CaptionerError
@@ -103,11 +105,11 @@ class RayEngine:
         preprocess, slots = driver_preprocessing(captioners, job)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = self.settings.progress
-        # Absolute paths: a worker's current folder is not this process's.
-        records = [{"id": item.id, "path": str(item.image.absolute())} for item in items]
+        records, filesystems = source_records(items)
         blocks = max(1, min(len(records), math.ceil(len(records) / job.batch_size)))
         dataset = ray.data.from_items(records, override_num_blocks=blocks)
-        dataset = dataset.map_batches(preprocess_batch, fn_kwargs={"step": preprocess, "slots": slots},
+        dataset = dataset.map_batches(preprocess_batch,
+                                      fn_kwargs={"step": preprocess, "slots": slots, "filesystems": filesystems},
                                       batch_size=job.batch_size, batch_format="pyarrow", num_cpus=PREPROCESS_CPUS)
         gpus = self._gpus_per_worker(ray)
         dataset = dataset.map_batches(
@@ -186,15 +188,36 @@ def driver_preprocessing(captioners: Sequence[Captioner], job: BatchJob) -> tupl
     return PreprocessStep(function, min_side), slots
 
 
-def preprocess_batch(batch: Any, step: PreprocessStep, slots: int) -> Any:
+def source_records(items: Sequence[Planned]) -> tuple[list[dict[str, Any]], list[Any]]:
+    """The dataset's rows: id, path (absolute: a worker's current folder is not this process's; or
+    the URI), and for a remote image its filesystem (an index into the list returned with them, which
+    travels to the tasks once) and its path inside it. The bytes are read by the tasks, not here."""
+    filesystems: list[Any] = []
+    index: dict[int, int] = {}
+    records = []
+    for item in items:
+        if isinstance(item.image, RemoteFile):
+            number = index.setdefault(id(item.image.filesystem), len(filesystems))
+            if number == len(filesystems):
+                filesystems.append(item.image.filesystem)
+            records.append({"id": item.id, "path": item.image.uri, "filesystem": number,
+                            "object": item.image.path})
+        else:
+            records.append({"id": item.id, "path": str(item.image.absolute()), "filesystem": -1, "object": ""})
+    return records, filesystems
+
+
+def preprocess_batch(batch: Any, step: PreprocessStep, slots: int, filesystems: Sequence[Any] = ()) -> Any:
     """A CPU task: rows of id, path -> the same with the model's input as float32 bytes, or an error."""
     import pyarrow as pa
 
     out: dict[str, list[Any]] = {"id": [], "path": [], "error": []}
     for k in range(slots):
         out[f"pixels_{k}"], out[f"shape_{k}"] = [], []
-    for image_id, path in zip(batch.column("id").to_pylist(), batch.column("path").to_pylist()):
-        result = step(path)
+    columns = [batch.column(name).to_pylist() for name in ("id", "path", "filesystem", "object")]
+    for image_id, path, number, inside in zip(*columns):
+        source = RemoteFile(path, inside, "", filesystems[number]) if number >= 0 else path
+        result = step(source)
         parts = (result,) if isinstance(result, torch.Tensor) else result
         out["id"].append(image_id)
         out["path"].append(path)

@@ -27,6 +27,7 @@ from PIL import Image
 
 from captioners.base import Captioner
 from captioners.batch.job import BatchJob
+from captioners.batch.remote import RemoteFile, read_remote
 from captioners.display import display_path, json_bytes
 from captioners.errors import CaptionerError, ImageLoadError
 from captioners.images import EncodedImage, load_image
@@ -40,16 +41,21 @@ TABLE_COLUMNS = ("id", "path", "caption", "captions", "score", "scores", "model"
 
 
 class PreprocessStep:
-    """Path or bytes -> the model's input; the reason as a string when the image cannot be used.
+    """Path, remote file or bytes -> the model's input; the reason as a string when the image cannot be used.
 
     ``preprocess`` is the Judge's (picklable: open_clip / BLIP transforms), so it runs in threads,
-    worker processes or remote CPU tasks alike."""
+    worker processes or remote CPU tasks alike. A remote file's bytes are read here, in the worker."""
 
     def __init__(self, preprocess: Callable[[Image.Image], Pixels], min_side: int | None = None):
         self.preprocess = preprocess
         self.min_side = min_side  # set: JPEGs are decoded at reduced size (draft mode)
 
-    def __call__(self, source: Path | str | bytes, name: str | None = None) -> Pixels | str:
+    def __call__(self, source: Path | str | bytes | RemoteFile, name: str | None = None) -> Pixels | str:
+        if isinstance(source, RemoteFile):
+            try:
+                source, name = read_remote(source), "the object"
+            except OSError as exc:  # gone since listing, access denied: this image fails, the run goes on
+                return f"cannot read it: {' '.join(str(exc).split()) or type(exc).__name__}"
         path = Path(source) if not isinstance(source, bytes) else None
         try:
             if path is None:  # bytes from object storage: no path to open, no draft decoding

@@ -33,7 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                         "image failed, 2 could not start, 3 an output could not be written, "
                                         "130 stopped.")
     parser.add_argument("inputs", nargs="*", metavar="DIR_FILE_OR_GLOB",
-                        help="folders, image files or quoted glob patterns ('data/**/*.png')")
+                        help="folders, image files, quoted glob patterns ('data/**/*.png') or object storage "
+                             "URIs (s3://bucket/prefix/, gs://..., file://...; they need --output-dir)")
     parser.add_argument("--recursive", "-r", action="store_true", help="look into sub-folders")
     parser.add_argument("--file-list", metavar="FILE", help="text file with one image path per line")
 
