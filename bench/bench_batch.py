@@ -33,6 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import (add_results_argument, append_rows, captioner_encoder, encoder_figures,  # noqa: E402
+                          environment)
 from captioners.batch import BatchJob, Loader, run_batch  # noqa: E402
 from captioners.batch.shaping import one_line  # noqa: E402
 from captioners.images import load_image  # noqa: E402
@@ -207,12 +209,14 @@ def components(captioner, paths: list[Path], batch_size: int, decoding: dict) ->
           f"{(encode_one + decode_one) / (encode_all + decode_all):.2f}x with this model on this machine")
 
 
-def bench_model(name: str, captioner, paths: list[Path], args, work: Path, full: bool) -> None:
+def bench_model(name: str, encoder_name: str, captioner, paths: list[Path], args, work: Path, full: bool) -> None:
     captioner.load(args.device)
     preprocess, size = captioner.preprocessor(), captioner.image_size
     decoding = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
     bs, workers = args.batch_size, args.workers
     engine(captioner, paths[:bs], work / "warm", bs, 0, Loader.THREADS, decoding)  # warm-up
+    pixels = torch.stack([preprocess(load_image(p)) for p in paths[:bs]]).to(captioner.device, captioner.dtype)
+    encoder = encoder_figures(encoder_name, captioner_encoder(captioner), pixels, args.repeats)
     if args.components:
         components(captioner, paths, min(bs, len(paths)), decoding)
     contenders = [
@@ -247,6 +251,12 @@ def bench_model(name: str, captioner, paths: list[Path], args, work: Path, full:
     for label, rate in rates.items():
         print(f"{label:<48} {rate:>9.2f} {rate / ceiling_rate:>9.0%} {rate / loop_rate:>7.2f}x")
     print(f"engine captions identical to the per-image loop's: {engine_text == loop_text}")
+    print(encoder.line())
+    env = environment(captioner.device, captioner.dtype)
+    append_rows("bench_batch", [{**env, "batch": bs, "images": len(paths), "measure": f"{name}: {label}",
+                                 "images_per_s": round(rate, 3), **encoder.columns(),
+                                 "note": f"same captions {engine_text == loop_text}"}
+                                for label, rate in rates.items()], args.results)
     captioner.unload()
 
 
@@ -266,6 +276,7 @@ def main() -> None:
                         help="also time the image encoder and caption decoder alone and batched (CLIP-prefix)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "captioners-bench-batch"),
                         help="generated images and models are kept here between runs")
+    add_results_argument(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -275,9 +286,10 @@ def main() -> None:
     models_dir = cache / "models"
     try:
         if args.model in ("tiny", "both"):
-            bench_model("tiny", tiny_model(cache, models_dir), paths[: args.images], args, work, full=False)
+            bench_model("tiny", "tiny CLIP", tiny_model(cache, models_dir), paths[: args.images], args, work,
+                        full=False)
         if args.model in ("full", "both"):
-            bench_model("full-size random", full_model(cache, models_dir, args.stop_scale),
+            bench_model("full-size random", "ViT-L-14", full_model(cache, models_dir, args.stop_scale),
                         paths[: args.full_images], args, work, full=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import full_size_icg_model, photos, timed  # noqa: E402
+from bench.common import (add_results_argument, append_rows, encoder_figures, environment,  # noqa: E402
+                          full_size_icg_model, photos, timed)
 from captioners.families.clipcap_modules import ClipPrefixModel  # noqa: E402
 from captioners.prefix_decoding import beam_search, decode_tokens, greedy_chooser  # noqa: E402
 from tests.reference_decoding import reference_beam, reference_greedy  # noqa: E402
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--skip-reference", action="store_true",
                         help="time the batched decoding only (no per-image reference, no speed-up column)")
     parser.add_argument("--repeats", type=int, default=1, help="time the batched path this many times, keep the best")
+    add_results_argument(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -108,10 +110,19 @@ def main() -> None:
         print(f"{name:<8} {ref_rate:>16} {args.images / got_s:>14.2f} {speedup:>9} {str(same):>12} "
               f"{mean:>10.1f}/{low}/{high}")
 
-    if args.skip_clip or args.skip_reference:
-        return
     clip, preprocess = load_clip(device, dtype)
     images = photos(args.images)
+    pixels = torch.stack([preprocess(i) for i in images[:args.batch_size]]).to(device, dtype)
+    encoder = encoder_figures("ViT-L-14", clip.encode_image, pixels, args.repeats)
+    print(f"\n{encoder.line()}")
+    env = {**environment(device, dtype), "batch": args.batch_size, "images": args.images, **encoder.columns()}
+    results = [{**env, "measure": f"decoding {name}, {who}", "images_per_s": round(args.images / s, 4),
+                "note": f"tokens mean {mean:.1f}, same tokens {same}"}
+               for name, ref_s, got_s, same, mean, _, _ in rows
+               for who, s in (("per-image reference", ref_s), ("batched", got_s)) if s]
+    if args.skip_clip or args.skip_reference:
+        append_rows("bench_clip_prefix", results, args.results)
+        return
 
     def reference_pipeline():
         out = []
@@ -138,6 +149,10 @@ def main() -> None:
     print(f"{'':<8} {'reference img/s':>16} {'batched img/s':>14} {'speed-up':>9} {'same tokens':>12}")
     print(f"{'greedy':<8} {args.images / ref_s:>16.2f} {args.images / got_s:>14.2f} {ref_s / got_s:>8.1f}x "
           f"{str(ref == got):>12}")
+    results += [{**env, "measure": f"end to end greedy, {who}", "images_per_s": round(args.images / s, 4),
+                 "note": f"same tokens {ref == got}"}
+                for who, s in (("per-image reference", ref_s), ("batched", got_s))]
+    append_rows("bench_clip_prefix", results, args.results)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import photos, timed  # noqa: E402
+from bench.common import add_results_argument, append_rows, encoder_figures, environment, photos, timed  # noqa: E402
 from captioners.clip_backbone import ClipBackbone, ClipSpec  # noqa: E402
 from captioners.families import fusecap, sbg  # noqa: E402
 from captioners.families.sbg_keywords import LabelSets, TextFeatureStore, Vocabulary, read_vocabulary_file  # noqa: E402
@@ -59,24 +59,31 @@ def bert_tokenizer(folder: Path):
     return BertTokenizerFast(str(folder / "vocab.txt"))
 
 
-def bench_fusecap(args, device, dtype, workdir: Path) -> None:
+def build_fusecap_folder(folder: Path, logit_scale: float, sep_bias: float) -> Path:
+    """BLIP-base with random weights saved in the hub repo's layout (vocab.txt included): output
+    embeddings scaled by ``logit_scale``, [SEP] biased by ``sep_bias`` (see the module docstring)."""
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
-    folder = workdir / "FuseCap"  # the hub repo's layout, vocab.txt included
     processor = BlipProcessor(BlipImageProcessor(), bert_tokenizer(folder))
     torch.manual_seed(0)
     model = BlipForConditionalGeneration(BlipConfig()).eval()
     predictions = model.text_decoder.cls.predictions
     with torch.no_grad():
-        predictions.decoder.weight.mul_(args.logit_scale)  # (tied to the word embeddings in transformers 5)
-        predictions.bias[102] += args.sep_bias
-    # The batched side loads the folder the way users' models load (safetensors, the package's setup).
+        predictions.decoder.weight.mul_(logit_scale)  # (tied to the word embeddings in transformers 5)
+        predictions.bias[102] += sep_bias
     model.save_pretrained(str(folder))
     processor.save_pretrained(str(folder))
+    return folder
+
+
+def bench_fusecap(args, device, dtype, workdir: Path) -> None:
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    folder = build_fusecap_folder(workdir / "FuseCap", args.logit_scale, args.sep_bias)
+    # The batched side loads the folder the way users' models load (safetensors, the package's setup).
     captioner = fusecap.FuseCapCaptioner(fusecap.FuseCapCaptioner.spec_for_path(folder), workdir)
     captioner.load(device, dtype)
     # The demo's model and processor: transformers' own, read from the same folder as on the model card.
-    del model
     model = BlipForConditionalGeneration.from_pretrained(str(folder)).eval().to(device, dtype)
     processor = BlipProcessor.from_pretrained(str(folder))
     images = photos(args.images)
@@ -107,6 +114,15 @@ def bench_fusecap(args, device, dtype, workdir: Path) -> None:
     print(f"{'':<10} {'per-image demo img/s':>21} {'batched img/s':>14} {'speed-up':>9} {'same captions':>14}")
     print(f"{'batch ' + str(args.batch_size):<10} {args.images / ref_s:>21.3f} {args.images / got_s:>14.3f} "
           f"{ref_s / got_s:>8.2f}x {same:>9}/{len(ref)}")
+    preprocess = captioner.preprocessor()
+    pixels = torch.stack([preprocess(i) for i in images[:args.batch_size]]).to(device, dtype)
+    encoder = encoder_figures("BLIP ViT-B/16 384px", captioner.encode_images, pixels)
+    print(encoder.line())
+    env = {**environment(device, dtype), "batch": args.batch_size, "images": args.images, **encoder.columns()}
+    append_rows("bench_fusecap_sbg", [
+        {**env, "measure": f"FuseCap {who}", "images_per_s": round(args.images / s, 4),
+         "note": f"same captions {same}/{len(ref)}"}
+        for who, s in (("per-image demo loop", ref_s), ("batched", got_s))], args.results)
 
 
 # ---- SBG -------------------------------------------------------------------------------------------
@@ -239,6 +255,14 @@ def bench_sbg(args, device, dtype, workdir: Path) -> None:
     print(f"{'batched, cold cache':<28} {cold_s:>9.2f} {n / cold_s:>8.3f} {ref_s / cold_s:>21.2f}x")
     print(f"{'batched, warm cache':<28} {warm_s:>9.2f} {n / warm_s:>8.3f} {ref_s / warm_s:>21.2f}x")
     print(f"{'cache load (later runs)':<28} {load_warm_s:>9.2f}")
+    pixels = torch.stack([preprocess(i) for i in images[:args.batch_size]]).to(device, dtype)
+    encoder = encoder_figures("ViT-L-14", clip_model.encode_image, pixels)
+    print(encoder.line())
+    env = {**environment(device, dtype), "batch": args.batch_size, "images": n, **encoder.columns()}
+    append_rows("bench_fusecap_sbg", [
+        {**env, "measure": f"SBG {who}", "images_per_s": round(n / s, 4)}
+        for who, s in (("per-image captioning", ref_s), ("batched, cold cache", cold_s),
+                       ("batched, warm cache", warm_s))], args.results)
 
 
 def main() -> None:
@@ -252,6 +276,7 @@ def main() -> None:
     parser.add_argument("--eos-scale", type=float, default=6.0, help="SBG: makes random guesses end earlier")
     parser.add_argument("--vocabulary", help="SBG: folder with all_labels and encyclopedia (.pkl or .json)")
     parser.add_argument("--tertiary-cap", type=int, default=100, help="SBG: words kept per encyclopedia list")
+    add_results_argument(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32

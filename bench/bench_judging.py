@@ -42,7 +42,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import full_size_icg_model, photos, timed  # noqa: E402
+from bench.common import (add_results_argument, append_rows, encoder_figures, environment,  # noqa: E402
+                          full_size_icg_model, photos, timed)
 from captioners.clip_backbone import ClipBackbone  # noqa: E402
 from captioners.judging.scoring import score_groups  # noqa: E402
 from captioners.prefix_decoding import beam_candidates, beam_search, decode_tokens, greedy_chooser  # noqa: E402
@@ -111,6 +112,7 @@ def main() -> None:
                         help="scale of the '.' embedding (as bench_clip_prefix.py): 32 gives mixed caption lengths")
     parser.add_argument("--fixed-steps", type=int, default=20,
                         help="tokens per caption in the guidance row without a stop token (0: no such row)")
+    add_results_argument(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -226,6 +228,14 @@ def main() -> None:
           f"guided/greedy tokens {sum(guided_lengths) / sum(lengths):.2f}x")
     print(f"CLIPScores (random weights) mean {statistics.mean(scores):.3f}; "
           f"load average now {os.getloadavg()[0]:.2f}")
+    encoder = encoder_figures("ViT-L-14", lambda p: clip.encode_images(p, normalize=True), pixels[0], args.repeats)
+    print(encoder.line())
+    env = {**environment(device, dtype), "batch": args.batch_size, "images": args.images, **encoder.columns()}
+    append_rows("bench_judging", [
+        {**env, "measure": name.strip(), "images_per_s": round(args.images / feature, 4),
+         "note": f"baseline {base:.2f} s, feature {feature:.2f} s, ratio {feature / base:.3f}"
+                 + ("" if goal is None else f", goal {goal}")}
+        for name, base, feature, goal in rows], args.results)
     print("seconds per repeat: " + "; ".join(
         f"{name} {', '.join(f'{s:.2f}' for s in values)}"
         for table in (caption_all, score_all, beam_all, guide_all, fixed_all) for name, values in table.items()))

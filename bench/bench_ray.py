@@ -27,7 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
+
 from bench.bench_batch import full_model_files, make_folder, tiny_model_files  # noqa: E402
+from bench.common import (add_results_argument, append_rows, captioner_encoder, encoder_figures,  # noqa: E402
+                          environment)
 from captioners.batch import BatchJob, run_batch  # noqa: E402
 from captioners.batch.ray_engine import RayEngine, RaySettings  # noqa: E402
 from captioners.batch.steps import ModelRequest  # noqa: E402
@@ -64,6 +68,19 @@ def captions(out: Path, paths: list[Path]) -> list[str]:
     return [(out / (p.stem + ".txt")).read_text(encoding="utf-8") for p in paths]
 
 
+def encoder_of(request: ModelRequest, paths: list[Path], batch_size: int, name: str):
+    """The job's image encoder, measured in this process on one batch (see bench/common.py)."""
+    from captioners.images import load_image
+
+    captioner = request.captioners()[0].load(request.device, request.dtype)
+    preprocess = captioner.preprocessor()
+    pixels = torch.stack([preprocess(load_image(p)) for p in paths[:batch_size]]).to(captioner.device, captioner.dtype)
+    figures = encoder_figures(name, captioner_encoder(captioner), pixels)
+    env = environment(captioner.device, captioner.dtype)
+    captioner.unload()
+    return figures, env
+
+
 def bench(name: str, request: ModelRequest, paths: list[Path], args, work: Path) -> None:
     bs = args.batch_size
     contenders = {"local engine (2 decoding threads)": lambda: local_job(request, paths, work / "local", bs)}
@@ -82,6 +99,11 @@ def bench(name: str, request: ModelRequest, paths: list[Path], args, work: Path)
     for (label, rate), folder in zip(rates.items(), ["local"] + [f"ray{w}" for w in args.ray_workers]):
         same = captions(work / folder, paths) == reference
         print(f"{label:<40} {rate:>9.2f} {rate / local_rate:>7.0%}  {same}")
+    encoder, env = encoder_of(request, paths, bs, "ViT-L-14" if name.startswith("full") else "tiny CLIP")
+    print(encoder.line())
+    append_rows("bench_ray", [{**env, "batch": bs, "images": len(paths), "measure": f"{name}: {label}",
+                               "images_per_s": round(rate, 3), **encoder.columns()}
+                              for label, rate in rates.items()], args.results)
 
 
 def main() -> None:
@@ -95,6 +117,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="rounds; the best time of each contender counts")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "captioners-bench-batch"),
                         help="generated images and models are kept here between runs (shared with bench_batch)")
+    add_results_argument(parser)
     args = parser.parse_args()
     import ray
 

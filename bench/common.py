@@ -1,9 +1,15 @@
-"""What the benchmarks share: timing, the photos, the full-size random ICG model."""
+"""What the benchmarks share: timing, the photos, the full-size random ICG model, the image
+encoder's GFLOP/s against a matmul of its shapes, and result rows appended to bench/results/*.csv."""
 
 from __future__ import annotations
 
+import csv
+import os
 import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -49,3 +55,181 @@ def full_size_icg_model(stop_token: int, stop_scale: float) -> ClipPrefixModel:
             p.normal_(0, 0.05)
         model.gpt.transformer.wte.weight[stop_token] *= stop_scale
     return model.eval()
+
+
+# ---- the image encoder's achieved rate, against a plain matmul of its own shapes --------------------
+@dataclass
+class EncoderFigures:
+    """What the image encoder achieved in this run, and what a bare matmul of its largest linear
+    layer's shape (same device, dtype) achieved here too: their ratio says how far the encoder is
+    from the machine's own matmul speed, on any machine."""
+
+    name: str
+    batch: int
+    gflop_per_image: float
+    gflops: float                      # achieved: FLOPs of one encoder call / its best time
+    matmul_gflops: float               # a (m, k) @ (k, n) matmul of the encoder's largest linear layer
+    matmul_shape: tuple[int, int, int]
+
+    @property
+    def ratio(self) -> float:
+        return self.gflops / self.matmul_gflops if self.matmul_gflops else float("nan")
+
+    def line(self) -> str:
+        m, k, n = self.matmul_shape
+        return (f"image encoder {self.name}: {self.gflop_per_image:.3g} GFLOP/image, {self.gflops:.3g} GFLOP/s "
+                f"at batch {self.batch}; matmul {m}x{k}x{n} {self.matmul_gflops:.3g} GFLOP/s; "
+                f"encoder / matmul {self.ratio:.0%}")
+
+    def columns(self) -> dict[str, object]:
+        return {"encoder": self.name, "encoder_gflop_per_image": round(self.gflop_per_image, 3),
+                "encoder_gflops": round(self.gflops, 2), "matmul_gflops": round(self.matmul_gflops, 2),
+                "encoder_vs_matmul": round(self.ratio, 4)}
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of ``fn()`` as torch's FlopCounterMode counts them (2 per multiply-add of matmuls,
+    convolutions and attention; norms and activations are not counted, as is the convention).
+    MultiheadAttention's fused fast path is switched off while counting: the counter cannot see
+    inside it, and the unfused path does the same arithmetic."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def attention(query, key, value, *_, out_shape=None, **__) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    # Under inference mode the counter sees scaled_dot_product_attention itself, and on a CPU its
+    # kernel, neither of which torch's table lists (it has the CUDA kernels only): add them.
+    aten = torch.ops.aten
+    attention_ops = {aten.scaled_dot_product_attention: attention}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        attention_ops[aten._scaled_dot_product_flash_attention_for_cpu] = attention
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False, custom_mapping=attention_ops) as counter, torch.inference_mode():
+            fn()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return int(counter.get_total_flops())
+
+
+def largest_linear(fn: Callable[[], object]) -> tuple[int, int, int]:
+    """``(m, k, n)`` of the nn.Linear call in ``fn()`` with the most multiply-adds (m = rows of its input)."""
+    shapes: list[tuple[int, int, int]] = []
+
+    def record(module: torch.nn.Module, inputs: tuple, _output: object) -> None:
+        if isinstance(module, torch.nn.Linear) and inputs and isinstance(inputs[0], torch.Tensor):
+            shapes.append((inputs[0].numel() // module.in_features, module.in_features, module.out_features))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        with torch.inference_mode():
+            fn()
+    finally:
+        handle.remove()
+    if not shapes:
+        raise ValueError("the image encoder ran no nn.Linear layer: no matmul shape to compare with")
+    return max(shapes, key=lambda s: s[0] * s[1] * s[2])
+
+
+def matmul_gflops(shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype,
+                  min_seconds: float = 0.2) -> float:
+    """GFLOP/s of ``(m, k) @ (k, n)`` repeated for at least ``min_seconds`` (after one warm-up)."""
+    m, k, n = shape
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    with torch.inference_mode():
+        a @ b
+        calls, seconds = 0, 0.0
+        while seconds < min_seconds:
+            _, s = timed(lambda: a @ b)
+            calls, seconds = calls + 1, seconds + s
+    return 2 * m * k * n * calls / seconds / 1e9
+
+
+def encoder_figures(name: str, encode: Callable[[torch.Tensor], object], pixels: torch.Tensor,
+                    repeats: int = 2) -> EncoderFigures:
+    """Time the best of ``repeats`` calls of ``encode(pixels)``, and a matmul of the encoder's
+    largest linear layer's shape at this batch on the same device and dtype, in this run.
+
+    FLOPs and shapes are taken on one image and scaled by the batch (an image encoder's work is
+    linear in it): counting a full batch of a ViT-L on a CPU would cost minutes."""
+    batch = int(pixels.shape[0])
+    one = pixels[:1]
+    flops = count_flops(lambda: encode(one)) * batch
+    rows, k, n = largest_linear(lambda: encode(one))
+    shape = (rows * batch, k, n)
+    with torch.inference_mode():
+        seconds = min(timed(lambda: encode(pixels))[1] for _ in range(max(1, repeats)))
+    return EncoderFigures(name, batch, flops / batch / 1e9, flops / seconds / 1e9,
+                          matmul_gflops(shape, pixels.device, pixels.dtype), shape)
+
+
+def captioner_encoder(captioner) -> Callable[[torch.Tensor], object]:
+    """A loaded captioner's image encoder, pixels in (moved to its device and dtype) -> embeddings."""
+    if getattr(captioner, "clip", None) is not None:  # CLIP-prefix, SBG: a ClipBackbone
+        return lambda pixels: captioner.clip.encode_images(pixels, True)
+    return lambda pixels: captioner.encode_images(pixels.to(captioner.device, captioner.dtype))  # FuseCap
+
+
+# ---- results as data: rows appended to bench/results/<bench>.csv ------------------------------------
+RESULTS = Path(__file__).resolve().parent / "results"
+CSV_COLUMNS = ("date", "bench", "machine", "torch", "transformers", "device", "dtype", "batch", "images",
+               "measure", "images_per_s", "data_wait", "encoder", "encoder_gflop_per_image", "encoder_gflops",
+               "matmul_gflops", "encoder_vs_matmul", "note")
+
+
+def environment(device: torch.device | str, dtype: torch.dtype | str) -> dict[str, str]:
+    """The columns that say where a row was measured."""
+    import platform
+
+    import transformers
+
+    device = torch.device(device)
+    shown = str(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        shown = f"{device} {torch.cuda.get_device_name(device)}"
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "machine": f"{_cpu_name() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
+                       f"{torch.get_num_threads()}",
+            "torch": torch.__version__, "transformers": transformers.__version__, "device": shown,
+            "dtype": str(dtype).removeprefix("torch.")}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def append_rows(bench: str, rows: list[dict[str, object]], folder: Path | str | None = RESULTS) -> Path | None:
+    """Append ``rows`` (any of CSV_COLUMNS; the rest left empty) to ``folder/<bench>.csv``, writing
+    the header when the file is new. ``folder`` None: nothing written (``--results ''``)."""
+    if folder is None or str(folder) == "":
+        return None
+    path = Path(folder) / f"{bench}.csv"
+    unknown = sorted({key for row in rows for key in row} - set(CSV_COLUMNS))
+    if unknown:
+        raise ValueError(f"not result columns: {', '.join(unknown)} (known: {', '.join(CSV_COLUMNS)})")
+    if path.exists():
+        with path.open(newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+        if tuple(header) != CSV_COLUMNS:
+            raise SystemExit(f"{path} has other columns than this benchmark writes; move it away and rerun.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, CSV_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerows({"bench": bench, **row} for row in rows)
+    return path
+
+
+def add_results_argument(parser) -> None:
+    parser.add_argument("--results", default=str(RESULTS),
+                        help="append this run's rows to DIR/<benchmark>.csv (default bench/results; '' for none)")

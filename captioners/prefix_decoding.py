@@ -192,8 +192,9 @@ def _token_loop(model: PrefixRows, logits: torch.Tensor, stop_token: int, limits
             penalty.add(next_tokens)
         done = (next_tokens == stop_token) | (limits <= step + 1)
         if bool(done.any()):
-            for i in done.nonzero().flatten().tolist():
-                results[int(rows[i])] = tokens[i].tolist()
+            finished = done.nonzero().flatten()  # one copy to the host for all finished rows, not one per row
+            for row, row_tokens in zip(rows[finished].tolist(), tokens[finished].tolist()):
+                results[row] = row_tokens
             keep = (~done).nonzero().flatten()
             if keep.numel() == 0:
                 break
@@ -271,8 +272,14 @@ def beam_candidates(gpt: torch.nn.Module, prefix: torch.Tensor, stop_token: int,
 
 def _collect(results: list[list[list[int]]], images: torch.Tensor, which: torch.Tensor, tokens: torch.Tensor,
              scores: torch.Tensor, lengths: torch.Tensor, count: int) -> None:
-    """Store the ``count`` best beams (highest average log-prob first) of each image in ``which``."""
-    for i in which.nonzero().flatten().tolist():
-        order = (scores[i] / lengths[i]).argsort(descending=True)[:count].tolist()
-        results[int(images[i])] = [tokens[i, beam, : int(lengths[i, beam])].tolist() for beam in order]
+    """Store the ``count`` best beams (highest average log-prob first) of each image in ``which``.
+    The beams are ordered on the device, image by image as ever, and copied to the host at once."""
+    rows = which.nonzero().flatten()
+    if rows.numel() == 0:
+        return
+    orders = torch.stack([(scores[i] / lengths[i]).argsort(descending=True)[:count] for i in rows.unbind()])
+    picked = rows[:, None].expand_as(orders)
+    for image, beams, beam_lengths in zip(images[rows].tolist(), tokens[picked, orders].tolist(),
+                                          lengths[picked, orders].long().tolist()):
+        results[image] = [beam[:length] for beam, length in zip(beams, beam_lengths)]
 

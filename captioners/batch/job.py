@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, Mapping
 
+from captioners.batch.sizing import AUTO, auto_workers
 from captioners.errors import CaptionerError
 from captioners.judging.options import JudgingOptions
 from captioners.options import DecodingOptions, checked_number
@@ -70,8 +71,8 @@ class BatchJob:
     backup: bool = True              # keep <caption>.bak before changing an existing caption file
     dry_run: bool = False            # write nothing; report what would change
     shaping: TextShaping = field(default_factory=TextShaping)
-    batch_size: int = 8
-    workers: int = 2                 # image decoding workers; 0 = decode in the main thread
+    batch_size: int | str = 8        # or "auto": the largest that fits (GPU), see sizing.py
+    workers: int | str = 2           # image decoding workers; 0 = decode in the main thread; "auto": CPUs - 1
     loader: Loader = Loader.THREADS
     fast_decode: bool = False        # JPEG draft decoding at reduced size (slightly different pixels)
     jsonl: str | None = None         # combined outputs; None = off
@@ -94,8 +95,9 @@ class BatchJob:
         self.loader = _enum(Loader, self.loader, "loader")
         self.shaping.trigger_mode = _enum(TriggerMode, self.shaping.trigger_mode, "trigger_mode")
         self.extension = normalize_extension(self.extension)
-        self.batch_size = checked_number("batch_size", self.batch_size)
-        self.workers = checked_number("workers", self.workers)
+        if self.batch_size != AUTO:  # "auto" is settled by the engine, which knows the device and model
+            self.batch_size = checked_number("batch_size", self.batch_size)
+        self.workers = auto_workers() if self.workers == AUTO else checked_number("workers", self.workers)
         self.shaping.max_tokens = checked_number("max_tokens", self.shaping.max_tokens)  # 0: no check
         if not isinstance(self.judging, JudgingOptions):
             self.judging = JudgingOptions.from_mapping(self.judging)
@@ -167,7 +169,7 @@ def normalize_extension(extension: str) -> str:
 _JOB_TYPES: dict[str, Any] = {
     "inputs": "str_list", "recursive": "bool", "file_list": "opt_str", "output_dir": "opt_str",
     "extension": "str", "existing": ExistingPolicy, "separator": "str", "dedupe_tags": "bool",
-    "backup": "bool", "dry_run": "bool", "shaping": "mapping", "batch_size": "int", "workers": "int",
+    "backup": "bool", "dry_run": "bool", "shaping": "mapping", "batch_size": "int_or_auto", "workers": "int_or_auto",
     "loader": Loader, "fast_decode": "bool", "jsonl": "opt_str", "csv": "opt_str", "kohya_json": "opt_str",
     "kohya_full_path": "bool", "report": "opt_str", "report_html": "opt_str", "decoding": "mapping",
     "judging": "mapping", "join": "bool",
@@ -205,11 +207,13 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
         if not isinstance(value, bool):
             raise bad("true or false")
         return value
-    if kind == "int":
+    if kind == "int_or_auto" and isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    if kind in ("int", "int_or_auto"):
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, str) and value.strip().lstrip("-").isdigit():
                 return int(value)
-            raise bad("a whole number")
+            raise bad("a whole number" + (" or auto" if kind == "int_or_auto" else ""))
         return value
     if kind == "str":
         if not isinstance(value, str):

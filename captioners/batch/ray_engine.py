@@ -37,6 +37,7 @@ from captioners.batch.journal import job_key, journal_folder
 from captioners.batch.judged import RunJudgement
 from captioners.batch.local_engine import Outcome
 from captioners.batch.remote import RemoteFile
+from captioners.batch.sizing import AUTO
 from captioners.batch.steps import CaptionStep, ModelRequest, PreprocessStep, judged_from_row
 from captioners.batch.table import ResultTable, arrow_schema
 from captioners.errors import CaptionerError
@@ -73,6 +74,9 @@ class RayEngine:
 
     def caption(self, todo: Sequence[Planned], captioners: Sequence[Captioner], job: BatchJob,
                 judgement: RunJudgement, model_id: str, key: str) -> Iterator[list[Outcome]]:
+        if job.batch_size == AUTO:  # its workers may hold other GPUs than this process sees
+            raise CaptionerError("batch_size auto (--batch-size auto) is for the local engine; give the Ray "
+                                 "engine a number, e.g. the one a local run on a worker's GPU chose.")
         options = captioners[0].decoding_options(job.decoding).to_dict()
         table = None if job.dry_run else ResultTable(table_folder(self.settings, job, model_id, options),
                                                      self.settings.table_format)

@@ -53,6 +53,7 @@ class BatchSummary:
     low_score_threshold: float | None = None         # CLIPScores at or below it are flagged low_score
     report_html: str | None = None                   # the dataset report written
     dataset: dict[str, Any] | None = None            # its numbers (with report / report_html): see judging/dataset_report
+    stages: dict[str, Any] | None = None             # local engine: StageTimes.to_dict() (batch size, data wait)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: tuples become [path, text] lists."""
@@ -89,3 +90,25 @@ class Tracker:
         self.summary.elapsed_s = time.perf_counter() - self.started
         self.summary.images_per_s = self.rate()
         return self.summary
+
+
+@dataclass
+class StageTimes:
+    """Where the local engine's run loop spent its time, summed over batches: waiting for decoded
+    images, captioning them (the model; its results are on the host by then, so GPU work is done),
+    and writing the caption files. ``data_wait`` is the waiting share: on a GPU, the fraction of the
+    time the GPU had no batch to work on."""
+
+    batch_size: int = 0
+    batches: int = 0
+    waiting_s: float = 0.0
+    captioning_s: float = 0.0
+    writing_s: float = 0.0
+
+    @property
+    def data_wait(self) -> float | None:
+        total = self.waiting_s + self.captioning_s + self.writing_s
+        return self.waiting_s / total if total > 0 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "data_wait": self.data_wait}

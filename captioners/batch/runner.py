@@ -20,7 +20,7 @@ from captioners.batch.job import BatchJob, ExistingPolicy
 from captioners.batch.local_engine import LocalEngine, Outcome
 from captioners.batch.journal import RunJournal, journal_folder, journal_path
 from captioners.batch.outputs import CombinedOutputs, Record, check_output_paths, read_kohya_metadata, write_output
-from captioners.batch.report import PREVIEWS, RECENT, BatchSummary, Progress, Tracker
+from captioners.batch.report import PREVIEWS, RECENT, BatchSummary, Progress, StageTimes, Tracker
 from captioners.batch.writing import (decide, has_caption, read_bytes_no_follow, read_existing,
                                       remove_stale_temp_files, write_caption)
 from captioners.batch.judged import RunJudgement
@@ -147,15 +147,22 @@ class _Run:
     def _caption_all(self, todo: list[Planned]) -> None:
         self.tracker.start_loop()
         batches = self.engine.caption(todo, self.captioners, self.job, self.judgement, self.model_id, self.key)
+        writing_s = 0.0
         try:
             for outcomes in batches:
+                started = time.perf_counter()
                 self._take(outcomes, todo)
+                writing_s += time.perf_counter() - started
                 self._report()
                 if self._stop_requested():
                     self.summary.interrupted = True
                     break
         finally:
             batches.close()
+            times = getattr(self.engine, "times", None)  # the local engine's (see StageTimes)
+            if isinstance(times, StageTimes):
+                times.writing_s = writing_s
+                self.summary.stages = times.to_dict()
 
     def _take(self, outcomes: list[Outcome], todo: list[Planned]) -> None:
         self.tracker.recent = []

@@ -17,6 +17,7 @@ from typing import Any
 
 from captioners.batch.job import BatchJob, ExistingPolicy, Loader, TriggerMode
 from captioners.batch.report import BatchSummary, Progress
+from captioners.batch.sizing import AUTO, CPU_AUTO_BATCH, GPU_LARGEST_BATCH
 from captioners.cli.options import (add_common, add_decoding_options, add_judging_options, add_model_options,
                                     captioners_from_args, decoding_options, load_captioners_from_args, model_ids,
                                     model_overrides, one_line)
@@ -70,9 +71,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       help="warn about captions longer than this many CLIP tokens (0: no check; default 75)")
 
     speed = parser.add_argument_group("speed")
-    speed.add_argument("--batch-size", type=int, default=8, help="images captioned together (default 8)")
-    speed.add_argument("--workers", type=int, help="local engine: image decoding workers (0: main thread; "
-                                                    "default 2); Ray engine: captioning workers (default 1)")
+    speed.add_argument("--batch-size", type=number_or_auto, default=8, metavar="N|auto",
+                       help="images captioned together (default 8); auto: on a GPU the largest batch that fits "
+                            f"(tried from {GPU_LARGEST_BATCH} down, halving), on a CPU {CPU_AUTO_BATCH}")
+    speed.add_argument("--workers", type=number_or_auto, metavar="N|auto",
+                       help="local engine: image decoding workers (0: main thread; default 2; auto: one per CPU "
+                            "but one, at most 8); Ray engine: captioning workers (default 1)")
     speed.add_argument("--loader", choices=[m.value for m in Loader], default="threads",
                        help="run the decoding workers as threads (default) or processes")
     speed.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 can be "
@@ -117,6 +121,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_judging_options(parser, budget=False)
     add_common(parser)
     parser.set_defaults(func=cmd_batch)
+
+
+def number_or_auto(text: str) -> int | str:
+    """argparse type of --batch-size and --workers: a whole number, or auto."""
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a whole number or auto (got {text!r})") from None
 
 
 def job_from_args(args: argparse.Namespace) -> BatchJob:
@@ -174,6 +188,8 @@ def ray_engine(args: argparse.Namespace):
     from captioners.batch.steps import ModelRequest
     from captioners.paths import resolve_models_dir
 
+    if args.workers == AUTO:
+        raise CaptionerError("--workers auto is for the local engine; give the Ray engine a number of workers.")
     if args.workers is not None and args.workers < 1:
         raise CaptionerError(f"--workers must be 1 or more with --engine ray (got {args.workers}).")
     settings = RaySettings(address=args.ray_address, workers=args.workers or 1, gpus_per_worker=args.gpus_per_worker,
@@ -254,6 +270,7 @@ def print_summary(summary: BatchSummary) -> None:
           f"{len(summary.failed)} of {summary.total} images in {summary.elapsed_s:.1f} s "
           f"({summary.images_per_s:.2f} images/s)" + (" - stopped early; rerun to caption the rest"
                                                        if summary.interrupted else ""))
+    print_stages(summary)
     print_judging(summary)
     for title, pairs in (("failed", summary.failed), ("warnings", summary.warnings),
                          ("not written", summary.output_failures)):
@@ -273,6 +290,16 @@ def print_summary(summary: BatchSummary) -> None:
         print(f"backups of replaced files: {len(summary.backups)} (*.bak)")
     if summary.resumed and summary.journal:
         print(f"run journal: {display_path(summary.journal)} (delete it to apply --existing to those images again)")
+
+
+def print_stages(summary: BatchSummary) -> None:
+    """Where the local engine's time went; the waiting share is the model's (on a GPU: the GPU's) idle time."""
+    stages = summary.stages
+    if not stages or stages["data_wait"] is None:
+        return
+    print(f"batch size {stages['batch_size']}: waited for images {stages['data_wait']:.0%} of the time "
+          f"({stages['waiting_s']:.1f} s), captioning {stages['captioning_s']:.1f} s, "
+          f"writing {stages['writing_s']:.1f} s")
 
 
 def print_judging(summary: BatchSummary) -> None:

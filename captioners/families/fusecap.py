@@ -199,7 +199,7 @@ class FuseCapCaptioner(Captioner):
         rows_per_image = arguments["num_beams"] * repeats
         decoder = self.model.text_decoder
         with torch.inference_mode():
-            image_embeds = self.encode_images(pixels.to(self.device, self.dtype))
+            image_embeds = self.encode_images(pixels.to(self.device, self.dtype, non_blocking=True))  # pinned
             if repeats > 1:  # samples: each image's row repeated, one sample stream per copy
                 input_ids = input_ids.repeat_interleave(repeats, dim=0)
                 image_embeds = image_embeds.repeat_interleave(repeats, dim=0)
