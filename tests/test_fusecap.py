@@ -1,4 +1,4 @@
-"""FuseCap-BLIP: published key layouts load, one batched generate gives the per-image demo's captions."""
+"""FuseCap-BLIP: published key layouts load, one batched decoding gives the per-image demo's captions."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from captioners.errors import MissingWeightsError, UnknownModelError
-from captioners.families.fusecap import ProjectedOnce, RepeatedRows, cross_attention_projected_once, strip_prompt
+from captioners.families.fusecap import strip_prompt
 from captioners.registry import available_models, create_captioner, get_spec, model_rows
 from tests import tiny_blip
 from captioners.cli import main as cli_main
@@ -89,30 +89,6 @@ def test_batched_captions_equal_the_per_image_demo(blip_dirs, blip_images, model
     stripped = captioner.caption(images)  # the default strips the prompt
     assert stripped == [c[len(PROMPT.strip()):].strip() for c in with_prompt]
     assert all(not c.startswith("[") for c in stripped), "the [DEC] id must not decode to [UNK]"
-
-
-def test_projections_are_shared_only_by_rows_that_are_copies():
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(8, 4)
-    distinct = torch.randn(6, 5, 8)
-    copies = distinct[:2].repeat_interleave(3, dim=0)
-    assert RepeatedRows(3).of(copies) == 3 and RepeatedRows(3).of(distinct) == 1
-    for states in (distinct, copies):
-        projected = ProjectedOnce(linear, RepeatedRows(3))
-        first = projected(states)
-        assert torch.allclose(first, linear(states), atol=1e-6)
-        assert projected(states) is first  # reused while the same tensor comes back
-
-
-def test_overlapping_calls_leave_the_plain_projections(blip_dirs, models_dir):
-    decoder = load_fusecap(blip_dirs["safetensors"], models_dir).model.text_decoder
-    keys = [layer.crossattention.self.key for layer in decoder.bert.encoder.layer]
-    first, second = cross_attention_projected_once(decoder, 3), cross_attention_projected_once(decoder, 1)
-    first.__enter__()
-    second.__enter__()  # another thread's call starts while the first runs, and ends after it
-    first.__exit__(None, None, None)
-    second.__exit__(None, None, None)
-    assert [layer.crossattention.self.key for layer in decoder.bert.encoder.layer] == keys
 
 
 def test_greedy_and_length_options_match_generate(blip_dirs, blip_images, models_dir):

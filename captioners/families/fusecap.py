@@ -5,8 +5,11 @@ by :func:`captioners.weights.load_state_dict` (safetensors preferred, ``.bin`` o
 ``weights_only=True``) and handed to ``from_pretrained`` as a state dict, so no transformers
 version ever unpickles them freely.
 
-Decoding arguments are always passed explicitly: transformers 4.x took FuseCap's ``num_beams 3`` /
-``max_length 60`` from the text config, 5.x ignores them there (greedy, 20 new tokens).
+Captions are decoded by :mod:`captioners.blip_decoder`, our own loop over the loaded model's text
+decoder (each image's cross-attention keys and values computed once, shared by its beams), which
+gives ``BlipForConditionalGeneration.generate``'s tokens without calling it. Its settings are always
+explicit: transformers 4.x took FuseCap's ``num_beams 3`` / ``max_length 60`` from the text config,
+5.x ignores them there (greedy, 20 new tokens).
 """
 
 from __future__ import annotations
@@ -15,19 +18,17 @@ import json
 import logging
 import os
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from PIL import Image
-from torch import nn
 
 from captioners.base import Candidates, Captioner, ModelSpec
+from captioners.blip_decoder import DecodeSettings, Sampling, check_text_decoder, decode_captions
 from captioners.errors import CaptionerError, CheckpointLayoutError
 from captioners.options import DecodingOptions
-from captioners.sampling import RowSampler, row_generators
 from captioners.text import HUB_ID
 from captioners.weights import Asset, ensure_asset, load_state_dict, quiet_model_building
 
@@ -53,7 +54,7 @@ LEGACY_KEYS = ("text_decoder.bert.embeddings.position_ids",)
 TIED = ("text_decoder.cls.predictions.decoder.weight", "text_decoder.bert.embeddings.word_embeddings.weight")
 
 
-CPU_VISION_CHUNK = 2  # images per vision-tower call on a CPU (see FuseCapCaptioner.encode_images)
+CPU_VISION_CHUNK = 1  # images per vision-tower call on a CPU (see FuseCapCaptioner.encode_images)
 
 
 @dataclass(frozen=True)
@@ -154,9 +155,11 @@ class FuseCapCaptioner(Captioner):
         missing = sorted(set(info.get("missing_keys") or ()) - set(LEGACY_KEYS))
         if missing:
             raise CheckpointLayoutError(f"{folder} is not a BLIP captioner checkpoint: missing {', '.join(missing[:5])}.")
+        try:
+            check_text_decoder(model.text_decoder)
+        except ValueError as exc:
+            raise CheckpointLayoutError(f"{folder}: {exc}") from exc
         self.model = model.eval().requires_grad_(False).to(device=device, dtype=dtype)
-        # generate() calls the model's _reorder_cache when it has one, in every supported version.
-        self.model.text_decoder._reorder_cache = reorder_self_attention_only
         try:
             # The fast tokenizer drops BLIP's [DEC] id, which is outside the BERT vocabulary.
             self.processor = BlipProcessor.from_pretrained(str(folder))
@@ -182,83 +185,53 @@ class FuseCapCaptioner(Captioner):
         return Candidates(self._generate(pixels, options, count, mode))
 
     def _generate(self, pixels: torch.Tensor, options: DecodingOptions, count: int, mode: str) -> list[list[str]]:
-        prompt = options.prompt or ""
-        prompt_ids = self.processor.tokenizer(prompt, return_tensors="pt")["input_ids"]
-        batch = pixels.shape[0]
-        # What BLIP's generate does, in every supported version: [DEC] replaces [CLS], the trailing
-        # [SEP] goes. Done here so that the image encoding can be split (see encode_images).
-        text_config = self.model.config.text_config
-        input_ids = prompt_ids[:, :-1].repeat(batch, 1).to(self.device)
-        input_ids[:, 0] = text_config.bos_token_id
-        if count == 1:
-            arguments = self.generate_arguments(options, batch, input_ids.shape[1])
-            repeats = 1
-        else:
-            arguments = self.candidate_arguments(options, batch, input_ids.shape[1], count, mode)
-            repeats = 1 if mode == "beam" else count
-        rows_per_image = arguments["num_beams"] * repeats
-        decoder = self.model.text_decoder
+        tokenizer = self.processor.tokenizer
+        # What BLIP's generate does to the prompt, in every supported version: [DEC] replaces [CLS],
+        # the trailing [SEP] goes.
+        prompt = tokenizer(options.prompt or "", return_tensors="pt")["input_ids"][0, :-1].to(self.device)
+        prompt[0] = self.model.config.text_config.bos_token_id
+        settings = self.decode_settings(options, len(prompt), count, mode)
         with torch.inference_mode():
             image_embeds = self.encode_images(pixels.to(self.device, self.dtype, non_blocking=True))  # pinned
-            if repeats > 1:  # samples: each image's row repeated, one sample stream per copy
-                input_ids = input_ids.repeat_interleave(repeats, dim=0)
-                image_embeds = image_embeds.repeat_interleave(repeats, dim=0)
-            with cross_attention_projected_once(decoder, rows_per_image):
-                out = decoder.generate(
-                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                    encoder_hidden_states=image_embeds,
-                    encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device),
-                    eos_token_id=text_config.sep_token_id, pad_token_id=text_config.pad_token_id, **arguments)
+            groups = decode_captions(self.model.text_decoder, image_embeds, prompt, settings)
         # Prompt and caption decoded together, as the model card prints them: decoding the new ids
         # alone would start a caption whose first token continues the prompt's last word with "##".
-        texts = [text.strip() for text in self.processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        texts = [text.strip() for text in tokenizer.batch_decode([ids for group in groups for ids in group],
+                                                                 skip_special_tokens=True)]
         if not options.keep_prompt:
-            decoded_prompt = self.processor.tokenizer.decode(input_ids[0], skip_special_tokens=True).strip()
+            decoded_prompt = tokenizer.decode(prompt, skip_special_tokens=True).strip()
             texts = [strip_prompt(text, decoded_prompt) for text in texts]
         return [texts[i:i + count] for i in range(0, len(texts), count)]
 
-    def candidate_arguments(self, options: DecodingOptions, batch: int, prompt_length: int, count: int,
-                            mode: str) -> dict[str, Any]:
-        """generate() arguments for ``count`` candidates per image: the best ``count`` beams of a search at
-        least that wide, or (``mode`` sample) one sampled row per candidate, row j of an image on stream j."""
-        if mode == "beam":
-            arguments = self.generate_arguments(options.replace(strategy="beam"), batch, prompt_length)
-            arguments["num_beams"] = max(arguments["num_beams"], count)
-            arguments["num_return_sequences"] = count
-            return arguments
-        arguments = self.generate_arguments(options.replace(strategy="greedy"), batch, prompt_length)
-        streams = [j for _ in range(batch) for j in range(count)]
-        sampler = RowSampler(row_generators(options.seed, streams), options.top_k, options.top_p or 1.0,
-                             options.temperature or 1.0)
-        arguments["logits_processor"] = _processor_list(sampler)
-        return arguments
+    def decode_settings(self, options: DecodingOptions, prompt_length: int, count: int = 1,
+                        mode: str = "beam") -> DecodeSettings:
+        """What to decode. ``count`` 1: one caption per image by ``options.strategy`` (beam, sample,
+        otherwise greedy). More: the ``count`` best beams of a search at least that wide, or
+        (``mode`` sample) ``count`` sampled rows per image, row j of an image on sample stream j."""
+        strategy = options.strategy if count == 1 else ("beam" if mode == "beam" else "sample")
+        if options.max_new_tokens:
+            max_length = prompt_length + options.max_new_tokens
+        else:
+            max_length = max(self.spec.config.max_length, prompt_length + 1)
+        beams, sampling = 1, None
+        if strategy == "beam":
+            beams = max(options.num_beams or 3, count)
+        elif strategy == "sample":
+            sampling = Sampling(options.seed, options.top_k, options.top_p or 1.0, options.temperature or 1.0)
+        text_config = self.model.config.text_config
+        return DecodeSettings(max_length=max_length, eos=text_config.sep_token_id, pad=text_config.pad_token_id,
+                              num_beams=beams, per_image=count, min_new_tokens=options.min_new_tokens or 0,
+                              repetition_penalty=options.repetition_penalty or None, sampling=sampling)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The vision tower's output tokens, a few images at a time on a CPU.
+        """The vision tower's output tokens, one image at a time on a CPU.
 
         ViT-B/16 at 384 px is compute-bound there: eight images at once take ~25% longer than
-        two at a time (its 577-token attention no longer fits the caches). GPUs take the whole batch.
+        two at a time (its 577-token attention no longer fits the caches), and two ~10% longer than
+        one (bench_fusecap_sbg's model, 2 threads). GPUs take the whole batch.
         """
         chunk = CPU_VISION_CHUNK if pixels.device.type == "cpu" else pixels.shape[0]
         return torch.cat([self.model.vision_model(pixel_values=part)[0] for part in pixels.split(chunk)])
-
-    def generate_arguments(self, options: DecodingOptions, batch: int, prompt_length: int) -> dict[str, Any]:
-        args: dict[str, Any] = {"do_sample": False, "num_beams": 1}
-        if options.max_new_tokens:
-            args["max_new_tokens"] = options.max_new_tokens
-        else:
-            args["max_length"] = max(self.spec.config.max_length, prompt_length + 1)
-        if options.min_new_tokens:
-            args["min_new_tokens"] = options.min_new_tokens
-        if options.repetition_penalty:
-            args["repetition_penalty"] = options.repetition_penalty
-        if options.strategy == "beam":
-            args["num_beams"] = options.num_beams or 3
-        elif options.strategy == "sample":
-            sampler = RowSampler(row_generators(options.seed, [0] * batch), options.top_k, options.top_p or 1.0,
-                                 options.temperature or 1.0)
-            args["logits_processor"] = _processor_list(sampler)
-        return args
 
 
 WORD_END = re.compile(r"\S*\Z")  # the (maybe empty) word that a string ends with
@@ -279,99 +252,12 @@ def strip_prompt(text: str, prompt: str) -> str:
     return text[cut:].strip()
 
 
-def reorder_self_attention_only(past: Any, beam_idx: torch.Tensor) -> Any:
-    """Beam search's cache reordering after each step, without the cross-attention part.
-
-    Beams only ever take over beams of their own image, and every beam of an image holds the same
-    cross-attention keys and values (the image's 577 tokens, computed once per beam): reordering
-    them copies ~42 MB per beam per step for nothing, about half of the decoding time on a CPU.
-    transformers 5 caches them in an EncoderDecoderCache; 4.x keeps only self-attention in tuples.
-    """
-    if hasattr(past, "self_attention_cache"):
-        past.self_attention_cache.reorder_cache(beam_idx)
-        return past
-    return tuple(tuple(t.index_select(0, beam_idx.to(t.device)) for t in layer) for layer in past)
-
-
-class RepeatedRows:
-    """How many consecutive rows of an encoder-states tensor are copies of one image, checked once.
-
-    generate() repeats each image's states once per beam with ``repeat_interleave``; that is
-    verified rather than assumed (one comparison per call, shared by all layers), so a transformers
-    version that lays the rows out otherwise gets plain projections instead of wrong captions.
-    """
-
-    def __init__(self, expected: int):
-        self.expected = expected
-        self.source: torch.Tensor | None = None
-        self.count = 1
-
-    def of(self, states: torch.Tensor) -> int:
-        if states is not self.source:
-            self.source, self.count = states, 1
-            rows = self.expected
-            if rows > 1 and states.shape[0] % rows == 0:
-                grouped = states.unflatten(0, (-1, rows))
-                self.count = rows if bool((grouped == grouped[:, :1]).all()) else 1
-        return self.count
-
-
-class ProjectedOnce(nn.Module):
-    """A cross-attention key or value projection that computes each image's result once per generate.
-
-    generate() repeats every image's encoder states once per beam, and transformers 4.x projects
-    them again at every step, for every beam: on a CPU that was most of FuseCap's decoding time.
-    The input is the same tensor object at every step, so it is projected once, from one row per
-    image, and the result reused while that object comes back.
-    """
-
-    def __init__(self, linear: nn.Linear, repeats: RepeatedRows):
-        super().__init__()
-        self.linear = linear
-        self.repeats = repeats
-        self.source: torch.Tensor | None = None  # held, so its id cannot be reused by another tensor
-        self.result: torch.Tensor | None = None
-
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
-        if states is not self.source:
-            rows = self.repeats.of(states)
-            projected = self.linear(states[::rows])
-            self.source, self.result = states, projected if rows == 1 else projected.repeat_interleave(rows, dim=0)
-        return self.result
-
-
-@contextmanager
-def cross_attention_projected_once(decoder: nn.Module, rows_per_image: int) -> Iterator[None]:
-    """Swap :class:`ProjectedOnce` into every cross-attention layer of a BLIP text decoder, for one call."""
-    repeats = RepeatedRows(rows_per_image)
-    swapped = []
-    for layer in decoder.bert.encoder.layer:
-        attention = layer.crossattention.self
-        for name in ("key", "value"):
-            linear = getattr(attention, name)
-            # Another thread's call may have its wrapper in place: wrap (and later restore) the plain module.
-            linear = linear.linear if isinstance(linear, ProjectedOnce) else linear
-            setattr(attention, name, ProjectedOnce(linear, repeats))
-            swapped.append((attention, name, linear))
-    try:
-        yield
-    finally:  # the plain modules go back, with no reference left to this call's tensors
-        for attention, name, linear in swapped:
-            setattr(attention, name, linear)
-
-
 def _size_field(size: Any, name: str) -> int | None:
     try:
         value = size[name]
     except (KeyError, TypeError):
         value = getattr(size, name, None)
     return int(value) if value else None
-
-
-def _processor_list(*processors):
-    from transformers import LogitsProcessorList
-
-    return LogitsProcessorList(processors)
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
