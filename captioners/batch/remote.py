@@ -76,8 +76,9 @@ def open_filesystem(uri: str) -> tuple[Any, str]:
 
         return pyarrow.fs.FileSystem.from_uri(uri)
     except ImportError as exc:
-        raise CaptionerError(f"Input {uri}: URIs are read through pyarrow: pip install pyarrow (or this package "
-                             "with the [ray] extra), or copy the images to a local folder.") from exc
+        raise CaptionerError(f"Input {uri}: URIs are read through pyarrow, which is not installed: "
+                             "pip install 'ray[data]' (it brings pyarrow; or this package's [ray] extra), or copy "
+                             "the images to a local folder.") from exc
     except NotImplementedError as exc:  # e.g. "Got S3 URI but Arrow compiled without S3 support"
         raise CaptionerError(f"Input {uri}: this pyarrow cannot open {scheme(uri)}:// URIs ({_one_line(exc)}); "
                              "install a pyarrow built with it (the PyPI wheels have S3 and GCS), or copy the "
