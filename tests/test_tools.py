@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,11 @@ def is_installed(package):
 
 
 def run_pip(command, desc=None, live=False):
+    found = re.search(r' -c "([^"]+)"', command)
+    if found:  # the constraints file lives only during the call: keep what it held
+        with open(os.environ["NEO_PIP_CALLS"] + ".constraints", "a") as kept:
+            kept.write(open(found.group(1)).read())
+        command = command.replace(found.group(1), "CONSTRAINTS")
     with open(os.environ["NEO_PIP_CALLS"], "a") as calls:
         calls.write(command + "\\n")
     return ""
@@ -115,7 +121,10 @@ def _neo_install(tmp_path: Path, installed: tuple[str, str] | None = None) -> li
 
 def test_install_py_adds_open_clip_to_forge_neo_and_nothing_neo_pins(tmp_path):
     commands = _neo_install(tmp_path)
-    assert commands == ['install "open_clip_torch"']  # safetensors and huggingface-hub: Neo's own
+    assert commands == ['install "open_clip_torch" -c "CONSTRAINTS"']  # safetensors and huggingface-hub: Neo's own
+    # pip holds the host's installed packages where they are (here: this interpreter's torch, numpy...)
+    held = set((tmp_path / "neo-pip-calls.txt.constraints").read_text().split())
+    assert {f"torch=={version('torch')}", f"numpy=={version('numpy')}", f"transformers=={version('transformers')}"} <= held
     pinned = {re.split(r"[=<>;]", line)[0].lower().replace("_", "-") for line in NEO_REQUIREMENTS}
     for command in commands:
         requirement = command.split('"')[1]

@@ -233,6 +233,17 @@ def test_install_only_adds_what_is_missing(monkeypatch, missing):
         assert "-U" not in command and "--upgrade" not in command
         requirement = command.split('"')[1]
         assert re.split(r"[<>=!~ ]", requirement)[0].lower() not in HOST_PACKAGES
+        assert ' -c "' in command  # the host's installed versions held by a constraints file
+
+
+def test_install_holds_the_hosts_installed_versions(monkeypatch):
+    from importlib.metadata import version
+
+    monkeypatch.setitem(sys.modules, "launch", types.SimpleNamespace(is_installed=lambda name: True))
+    installer = runpy.run_path(str(ROOT / "install.py"))
+    held = installer["host_constraints"]()
+    assert f"torch=={version('torch')}" in held and f"numpy=={version('numpy')}" in held
+    assert all(re.fullmatch(r"[A-Za-z_]+==\S+", line) for line in held)
 
 
 def test_no_pip_at_run_time():
