@@ -39,7 +39,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from captioners.sampling import row_generators, sample_from_logits
+from captioners.sampling import repetition_penalised, row_generators, sample_from_logits
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ def adjusted_scores(scores: Tensor, sequences: Tensor, settings: DecodeSettings,
     penalty = settings.repetition_penalty
     if penalty is not None and penalty != 1.0:
         seen = scores.gather(1, sequences)
-        scores = scores.scatter(1, sequences, torch.where(seen < 0, seen * penalty, seen / penalty))
+        scores = scores.scatter(1, sequences, repetition_penalised(seen, penalty))
     if sequences.shape[1] - prompt_length < settings.min_new_tokens:
         scores = scores.clone()
         scores[:, settings.eos] = -math.inf

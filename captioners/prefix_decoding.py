@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from captioners.gpt2_decoder import GPT2Decoder, KVCache
-from captioners.sampling import row_generators, sample_from_logits
+from captioners.sampling import repetition_penalised, row_generators, sample_from_logits
 
 
 def max_steps(max_new_tokens: int, prefix_length: int, n_positions: int) -> int:
@@ -115,8 +115,7 @@ class RepetitionPenalty:
         self.penalty, self.seen = penalty, seen  # seen: (rows, vocab) bool
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        penalised = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)
-        return torch.where(self.seen, penalised, logits)
+        return torch.where(self.seen, repetition_penalised(logits, self.penalty), logits)
 
     def add(self, tokens: torch.Tensor) -> None:
         self.seen.scatter_(1, tokens[:, None], True)

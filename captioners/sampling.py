@@ -32,6 +32,12 @@ def row_generators(seed: int | None, streams: Sequence[int]) -> list[torch.Gener
     return [torch.Generator().manual_seed(row_seed(seed, stream)) for stream in streams]
 
 
+def repetition_penalised(scores: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' ``repetition_penalty`` (CTRL's) on the scores of already-seen tokens: divided
+    by ``penalty`` where positive, multiplied where negative."""
+    return torch.where(scores < 0, scores * penalty, scores / penalty)
+
+
 def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor, top_k: int | None = None,
                        top_p: float = 1.0, temperature: float = 1.0) -> torch.Tensor:
     """(rows, vocab) logits and (rows,) numbers in [0, 1) -> (rows,) sampled token ids.

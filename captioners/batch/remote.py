@@ -80,14 +80,14 @@ def open_filesystem(uri: str) -> tuple[Any, str]:
                              "pip install 'ray[data]' (it brings pyarrow; or this package's [ray] extra), or copy "
                              "the images to a local folder.") from exc
     except NotImplementedError as exc:  # e.g. "Got S3 URI but Arrow compiled without S3 support"
-        raise CaptionerError(f"Input {uri}: this pyarrow cannot open {scheme(uri)}:// URIs ({_one_line(exc)}); "
+        raise CaptionerError(f"Input {uri}: this pyarrow cannot open {scheme(uri)}:// URIs ({exception_text(exc)}); "
                              "install a pyarrow built with it (the PyPI wheels have S3 and GCS), or copy the "
                              "images to a local folder.") from exc
     except ValueError as exc:  # pyarrow.ArrowInvalid: a scheme it does not know
-        raise CaptionerError(f"Input {uri}: not a URI pyarrow can open ({_one_line(exc)}); give a folder, a glob "
+        raise CaptionerError(f"Input {uri}: not a URI pyarrow can open ({exception_text(exc)}); give a folder, a glob "
                              "pattern, or an s3://, gs://, hdfs:// or file:// URI.") from exc
     except OSError as exc:  # S3 looks up the bucket's region when it opens
-        raise CaptionerError(f"Cannot open input {uri}: {_one_line(exc)}; {CREDENTIALS_HINT}.") from exc
+        raise CaptionerError(f"Cannot open input {uri}: {exception_text(exc)}; {CREDENTIALS_HINT}.") from exc
 
 
 def find_remote(uri: str, recursive: bool) -> Iterator[RemoteFile]:
@@ -117,7 +117,7 @@ def _list(filesystem: Any, base: str, uri: str, recursive: bool) -> tuple[list[A
         if info.type == pyarrow.fs.FileType.Directory:
             return filesystem.get_file_info(pyarrow.fs.FileSelector(base, recursive=recursive)), base, prefix
     except OSError as exc:  # no credentials, no such bucket, access denied
-        raise CaptionerError(f"Cannot list input {uri}: {_one_line(exc)}; {CREDENTIALS_HINT}.") from exc
+        raise CaptionerError(f"Cannot list input {uri}: {exception_text(exc)}; {CREDENTIALS_HINT}.") from exc
     raise CaptionerError(f"Input {uri} does not exist: {CREDENTIALS_HINT}.")
 
 
@@ -133,5 +133,6 @@ def read_remote(file: RemoteFile) -> bytes:
         return stream.read()
 
 
-def _one_line(exc: BaseException) -> str:
+def exception_text(exc: BaseException) -> str:
+    """An exception as one line (pyarrow's messages span several), or its type when it says nothing."""
     return " ".join(str(exc).split()) or type(exc).__name__

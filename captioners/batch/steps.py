@@ -27,7 +27,7 @@ from PIL import Image
 
 from captioners.base import Captioner
 from captioners.batch.job import BatchJob
-from captioners.batch.remote import RemoteFile, read_remote
+from captioners.batch.remote import RemoteFile, exception_text, read_remote
 from captioners.display import display_path, json_bytes
 from captioners.errors import CaptionerError, ImageLoadError
 from captioners.images import EncodedImage, load_image
@@ -55,7 +55,7 @@ class PreprocessStep:
             try:
                 source, name = read_remote(source), "the object"
             except OSError as exc:  # gone since listing, access denied: this image fails, the run goes on
-                return f"cannot read it: {' '.join(str(exc).split()) or type(exc).__name__}"
+                return f"cannot read it: {exception_text(exc)}"
         path = Path(source) if not isinstance(source, bytes) else None
         try:
             if path is None:  # bytes from object storage: no path to open, no draft decoding
