@@ -10,6 +10,14 @@ Each contender's time is one whole job: model loading, captioning and writing (t
 started once, before the clock, as a long-lived cluster would be). The captions of every contender
 are compared with the local engine's.
 
+Two rates per contender: the whole job's, and the steady rate a long job approaches, measured as
+(N - n) / (T(N) - T(n)) from a job of N images and one of n (``--short-images``), which cancels
+what every job pays once (the Ray workers' start: a process each, importing torch, open_clip and
+transformers, loading the model). The job's start, T(n) - n / steady, is printed too.
+
+Each Ray worker gets the machine's CPUs divided among the workers: CPU workers read their own images
+(see captioners/batch/ray_engine.py), so they may hold every CPU.
+
     .venv/bin/python bench/bench_ray.py --model tiny --images 256
     .venv/bin/python bench/bench_ray.py --model full --full-images 32
 """
@@ -55,8 +63,7 @@ def local_job(request: ModelRequest, paths: list[Path], out: Path, batch_size: i
 
 def ray_job(request: ModelRequest, paths: list[Path], out: Path, batch_size: int, workers: int) -> float:
     start = time.perf_counter()
-    # Each worker reserves a share of the CPUs that leaves one for the preprocessing tasks.
-    cpus = max(0.1, min(1.0, ((os.cpu_count() or 2) - 1) / workers))
+    cpus = (os.cpu_count() or 2) / workers  # CPU workers read their own images: nothing else needs a CPU
     settings = RaySettings(workers=workers, cpus_per_worker=cpus, table_dir=str(out / "table"), progress=False)
     engine = RayEngine(settings, request)
     summary = run_batch(request.captioners(), job_for(paths, out, batch_size), engine=engine)
@@ -82,28 +89,37 @@ def encoder_of(request: ModelRequest, paths: list[Path], batch_size: int, name: 
 
 
 def bench(name: str, request: ModelRequest, paths: list[Path], args, work: Path) -> None:
-    bs = args.batch_size
-    contenders = {"local engine (2 decoding threads)": lambda: local_job(request, paths, work / "local", bs)}
+    bs, short = args.batch_size, min(args.short_images, len(paths) // 2)
+    contenders = {"local engine (2 decoding threads)": lambda some: local_job(request, some, work / "local", bs)}
     for workers in args.ray_workers:
         contenders[f"Ray engine, {workers} worker{'s' if workers > 1 else ''}"] = (
-            lambda w=workers: ray_job(request, paths, work / f"ray{w}", bs, w))
-    best = {label: float("inf") for label in contenders}
+            lambda some, w=workers: ray_job(request, some, work / f"ray{w}", bs, w))
+    best = {(label, n): float("inf") for label in contenders for n in (short, len(paths))}
     for _ in range(args.repeats):  # rounds interleave the contenders, so load changes hit all of them
-        for label, run in contenders.items():
-            best[label] = min(best[label], run())
+        for n in (short, len(paths)):  # the full job last: its caption files are compared below
+            for label, run in contenders.items():
+                best[label, n] = min(best[label, n], run(paths[:n]))
     reference = captions(work / "local", paths)
-    rates = {label: len(paths) / seconds for label, seconds in best.items()}
-    local_rate = next(iter(rates.values()))
-    print(f"\n{name} model: {len(paths)} images, batch {bs}, {os.cpu_count()} CPUs, best of {args.repeats}")
-    print(f"{'':<40} {'images/s':>9} {'x local':>8}  same captions")
-    for (label, rate), folder in zip(rates.items(), ["local"] + [f"ray{w}" for w in args.ray_workers]):
+    whole = {label: len(paths) / best[label, len(paths)] for label in contenders}
+    steady = {label: (len(paths) - short) / max(1e-9, best[label, len(paths)] - best[label, short])
+              for label in contenders}
+    local = next(iter(contenders))
+    print(f"\n{name} model: {len(paths)} images (steady rate from jobs of {len(paths)} and {short}), batch {bs}, "
+          f"{os.cpu_count()} CPUs, best of {args.repeats}")
+    print(f"{'':<36} {'whole job':>10} {'x local':>8} {'steady':>8} {'x local':>8} {'start s':>8}  same captions")
+    for label, folder in zip(contenders, ["local"] + [f"ray{w}" for w in args.ray_workers]):
         same = captions(work / folder, paths) == reference
-        print(f"{label:<40} {rate:>9.2f} {rate / local_rate:>7.0%}  {same}")
+        start = best[label, short] - short / steady[label]
+        print(f"{label:<36} {whole[label]:>10.2f} {whole[label] / whole[local]:>7.0%} {steady[label]:>8.2f} "
+              f"{steady[label] / steady[local]:>7.0%} {start:>8.1f}  {same}")
     encoder, env = encoder_of(request, paths, bs, "ViT-L-14" if name.startswith("full") else "tiny CLIP")
     print(encoder.line())
-    append_rows("bench_ray", [{**env, "batch": bs, "images": len(paths), "measure": f"{name}: {label}",
-                               "images_per_s": round(rate, 3), **encoder.columns()}
-                              for label, rate in rates.items()], args.results)
+    rows = [{**env, "batch": bs, "images": len(paths), "measure": f"{name}: {label}",
+             "images_per_s": round(whole[label], 3), **encoder.columns()} for label in contenders]
+    rows += [{**env, "batch": bs, "images": len(paths), "measure": f"{name}: {label}, steady",
+              "images_per_s": round(steady[label], 3), **encoder.columns(),
+              "note": f"(N - n) / (T(N) - T(n)), n = {short}"} for label in contenders]
+    append_rows("bench_ray", rows, args.results)
 
 
 def main() -> None:
@@ -111,6 +127,8 @@ def main() -> None:
     parser.add_argument("--model", choices=("tiny", "full", "both"), default="both")
     parser.add_argument("--images", type=int, default=256, help="images for the tiny model")
     parser.add_argument("--full-images", type=int, default=32, help="images for the full-size model")
+    parser.add_argument("--short-images", type=int, default=32,
+                        help="images of the short job that the steady rate is measured against")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--ray-workers", type=int, nargs="+", default=[1, 2], help="Ray captioning workers to try")
     parser.add_argument("--stop-scale", type=float, default=4.0)

@@ -217,8 +217,9 @@ def test_a_killed_worker_is_restarted_and_every_image_is_captioned_once(cluster,
     assert len(list(folder.glob("*.txt"))) == len(images)
 
 
-def test_workers_that_would_hold_every_cpu_are_refused_on_a_fixed_cluster(caplog):
-    """Actors keep their CPUs for the whole job: taking all of them would starve the preprocessing forever."""
+def test_workers_are_refused_the_cpus_a_fixed_cluster_lacks(caplog):
+    """Actors keep their CPUs for the whole job. CPU workers read their own images and may take every
+    CPU; GPU workers must leave one for the preprocessing tasks that feed them, or those never run."""
     from captioners.batch.ray_engine import RayEngine, RaySettings
     from captioners.batch.steps import ModelRequest
     from captioners.errors import CaptionerError
@@ -226,14 +227,58 @@ def test_workers_that_would_hold_every_cpu_are_refused_on_a_fixed_cluster(caplog
     class TwoCpus:
         @staticmethod
         def cluster_resources() -> dict:
-            return {"CPU": 2.0}
+            return {"CPU": 2.0, "GPU": 2.0}
 
-    request = ModelRequest(("m",), "/models")
-    with pytest.raises(CaptionerError, match="--cpus-per-worker"):
-        RayEngine(RaySettings(workers=2, cpus_per_worker=1.0), request)._check_room(TwoCpus, fixed_size=True)
-    RayEngine(RaySettings(workers=2, cpus_per_worker=1.0), request)._check_room(TwoCpus, fixed_size=False)
+    def check(workers: int, cpus: float, gpus: float, fixed_size: bool = True) -> None:
+        engine = RayEngine(RaySettings(workers=workers, cpus_per_worker=cpus), ModelRequest(("m",), "/models"))
+        engine._check_room(TwoCpus, fixed_size=fixed_size, gpus_per_worker=gpus)
+
+    check(2, 1.0, gpus=0)  # CPU workers on every CPU: they read their own images
+    with pytest.raises(CaptionerError, match="more CPUs than it has"):
+        check(3, 1.0, gpus=0)
+    with pytest.raises(CaptionerError, match="no CPU for reading images.*--cpus-per-worker"):
+        check(2, 1.0, gpus=1)
+    check(2, 1.0, gpus=1, fixed_size=False)
     assert "unless the cluster adds nodes" in caplog.text  # a cluster that can grow: a warning only
-    RayEngine(RaySettings(workers=2, cpus_per_worker=0.5), request)._check_room(TwoCpus, fixed_size=True)
+    check(2, 0.5, gpus=1)
+
+
+def test_cpu_workers_read_their_own_images_and_gpu_workers_are_fed_by_tasks(monkeypatch):
+    """The plan Ray Data is given: one actor stage for CPU workers, CPU tasks then actors for GPU workers."""
+    from captioners.batch import ray_engine
+
+    stages: list[tuple[str, dict]] = []
+
+    class Dataset:
+        def map_batches(self, fn, **kwargs):
+            stages.append((getattr(fn, "__name__", str(fn)), kwargs))
+            return self
+
+        def iter_batches(self, **kwargs):
+            return iter(())
+
+    class FakeRay:
+        data = type("data", (), {"from_items": staticmethod(lambda records, **k: Dataset()),
+                                 "ActorPoolStrategy": staticmethod(lambda size: ("pool", size)),
+                                 "DataContext": type("DataContext", (), {"get_current": staticmethod(
+                                     lambda: type("Context", (), {})())})})
+
+        def __init__(self, gpus: float):
+            self.gpus = gpus
+
+        def cluster_resources(self) -> dict:
+            return {"CPU": 4.0, "GPU": self.gpus}
+
+    monkeypatch.setattr(ray_engine, "driver_preprocessing", lambda captioners, job: ("step", 1))
+    item = ray_engine.Planned(0, Path("/set/a.jpg"), Path("/set/a.txt"), "a.jpg")
+    for gpus, expected in ((0, ["CaptionWorker"]), (1, ["preprocess_batch", "CaptionWorker"])):
+        stages.clear()
+        engine = ray_engine.RayEngine(ray_engine.RaySettings(), ray_engine.ModelRequest(("m",), "/models"))
+        list(engine._rows(FakeRay(gpus), [item], [], ray_engine.BatchJob(inputs=["/set"]), "m", "k"))
+        assert [name for name, _ in stages] == expected
+        reading = stages[-1][1]["fn_constructor_kwargs"]["reading"]
+        assert (reading is not None) == (gpus == 0)
+        assert stages[-1][1]["num_gpus"] == gpus
 
 
 def test_a_table_folder_that_cannot_be_written_stops_before_any_captioning(tiny_args, photos, tmp_path, capsys):

@@ -1,15 +1,20 @@
 """The Ray engine: the batch engine's two steps on a Ray cluster (``batch --engine ray``).
 
 Ray Data runs the job as ``from_items`` (the images left to caption) -> ``map_batches(preprocess)``
-(CPU tasks: path -> the model's input, failures as rows; an image in object storage is read there,
-never on the driver) -> ``map_batches(CaptionWorker)`` (an actor
-pool, the models loaded once per actor, on a GPU when the actor has one) -> this process, which
-appends every batch of rows to the result table (``table.py``) and only then hands the rows to the
-runner, whose writer makes the caption files exactly as for a local run.
+(path -> the model's input, failures as rows; an image in object storage is read there, never on
+the driver) -> ``map_batches(CaptionWorker)`` (an actor pool, the models loaded once per actor, on a
+GPU when the actor has one) -> this process, which appends every batch of rows to the result table
+(``table.py``) and only then hands the rows to the runner, whose writer makes the caption files
+exactly as for a local run.
 
-Ray Data fuses the preprocessing into the actors when both ask for the same resources (CPU-only
-workers of one CPU each): then each actor reads its own images. GPU workers always get separate
-CPU tasks, which overlap with the captioning.
+Where the preprocessing runs depends on the workers:
+- GPU workers are fed by CPU tasks (``PREPROCESS_CPUS`` each), which decode the next batches while
+  the GPU captions;
+- CPU workers read their own images (the preprocessing runs inside the actor): a separate task would
+  only compete with the actors for the same cores and ship every image through the object store.
+  So N CPU workers are N decoders as well as N models, and they may hold every CPU of a node.
+  (Measured on 2 CPUs, bench/bench_ray.py: 2 such workers caption at about twice the local engine's
+  steady rate; see README "More than one machine".)
 
 Resume: images whose row (made under the same options) is in the table are not captioned again;
 their caption files are written from the table. A killed actor is restarted by Ray and its batch
@@ -45,7 +50,7 @@ from captioners.judging.judge import Judge, MultiPreprocess
 
 log = logging.getLogger(__name__)
 
-PREPROCESS_CPUS = 1.0  # reserved by each preprocessing task (decoding and resizing one batch)
+PREPROCESS_CPUS = 1.0  # reserved by each task that preprocesses a batch for GPU workers
 
 
 @dataclass
@@ -95,7 +100,7 @@ class RayEngine:
         ray = _import_ray()
         started = _connect(ray, self.settings)
         try:
-            self._check_room(ray, fixed_size=started)
+            self._check_room(ray, fixed_size=started, gpus_per_worker=self._gpus_per_worker(ray))
             for rows in self._rows(ray, rest, captioners, job, model_id, key):
                 if table is not None:
                     table.append(rows)  # first the table: a run killed after this resumes from it
@@ -112,29 +117,34 @@ class RayEngine:
         records, filesystems = source_records(items)
         blocks = max(1, min(len(records), math.ceil(len(records) / job.batch_size)))
         dataset = ray.data.from_items(records, override_num_blocks=blocks)
-        dataset = dataset.map_batches(preprocess_batch,
-                                      fn_kwargs={"step": preprocess, "slots": slots, "filesystems": filesystems},
-                                      batch_size=job.batch_size, batch_format="pyarrow", num_cpus=PREPROCESS_CPUS)
+        reading: dict[str, Any] | None = {"step": preprocess, "slots": slots, "filesystems": filesystems}
         gpus = self._gpus_per_worker(ray)
+        if gpus > 0:  # CPU tasks feed the GPU actors (see the module docstring); CPU actors read their own
+            dataset = dataset.map_batches(preprocess_batch, fn_kwargs=reading, batch_size=job.batch_size,
+                                          batch_format="pyarrow", num_cpus=PREPROCESS_CPUS)
+            reading = None
         dataset = dataset.map_batches(
             CaptionWorker, fn_constructor_kwargs={"request": self._worker_request(gpus), "job": job,
-                                                  "model_id": model_id, "key": key, "slots": slots},
+                                                  "model_id": model_id, "key": key, "slots": slots,
+                                                  "reading": reading},
             batch_size=job.batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=max(1, self.settings.workers)),
             num_gpus=gpus, num_cpus=self.settings.cpus_per_worker)
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             yield batch.to_pylist()
 
-    def _check_room(self, ray: Any, fixed_size: bool) -> None:
-        """Actors hold their CPUs for the whole job: if they took every CPU, no preprocessing task
+    def _check_room(self, ray: Any, fixed_size: bool, gpus_per_worker: float) -> None:
+        """Actors hold their CPUs for the whole job. CPU workers read their own images, so they may
+        take every CPU, but no more; GPU workers must leave one for the preprocessing tasks, or none
         could ever run and the job would wait forever."""
         cpus = ray.cluster_resources().get("CPU", 0)
         reserved = max(1, self.settings.workers) * self.settings.cpus_per_worker
-        if reserved + PREPROCESS_CPUS <= cpus:
+        feeding = PREPROCESS_CPUS if gpus_per_worker > 0 else 0.0
+        if reserved + feeding <= cpus:
             return
-        message = (f"{self.settings.workers} captioning worker(s) x {self.settings.cpus_per_worker:g} CPU leave "
-                   f"no CPU of the cluster's {cpus:g} for reading images; use fewer --workers or a smaller "
-                   "--cpus-per-worker (e.g. 0.5)")
+        room = "no CPU for reading images" if gpus_per_worker > 0 else "more CPUs than it has"
+        message = (f"{self.settings.workers} captioning worker(s) x {self.settings.cpus_per_worker:g} CPU need "
+                   f"{room} of the cluster's {cpus:g}; use fewer --workers or a smaller --cpus-per-worker")
         if fixed_size:  # the local cluster this run started cannot grow
             raise CaptionerError(message + ".")
         log.warning("%s, unless the cluster adds nodes.", message)
@@ -236,15 +246,21 @@ def preprocess_batch(batch: Any, step: PreprocessStep, slots: int, filesystems: 
 class CaptionWorker:
     """A Ray actor: loads the job's models once, then captions batches into table rows."""
 
-    def __init__(self, request: ModelRequest, job: BatchJob, model_id: str, key: str, slots: int):
+    def __init__(self, request: ModelRequest, job: BatchJob, model_id: str, key: str, slots: int,
+                 reading: dict[str, Any] | None = None):
+        """``reading``: ``preprocess_batch``'s arguments when this actor reads its own images (CPU
+        workers), None when CPU tasks hand it the model's inputs."""
         captioners = [captioner.load(request.device, request.dtype) for captioner in request.captioners()]
         judgement = RunJudgement(captioners, job, swap_models=len(captioners) > 1)
         self.step = CaptionStep(judgement.start(), model_id, key)
         self.slots = slots
+        self.reading = reading
 
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa
 
+        if self.reading is not None:
+            batch = preprocess_batch(batch, **self.reading)
         rows = batch.to_pylist()
         errors = [row["error"] for row in rows]
         good = [row for row in rows if not row["error"]]

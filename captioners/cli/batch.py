@@ -94,7 +94,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                              help="GPUs per captioning worker, fractions share one (default: 1 when the cluster "
                                   "has GPUs, else 0)")
     distributed.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="F",
-                             help="CPUs reserved per captioning worker (default 1)")
+                             help="CPUs reserved per captioning worker, also its torch threads; CPU workers "
+                                  "read their own images (default 1)")
     distributed.add_argument("--table-dir", metavar="DIR",
                              help="result table (one row per image, reruns resume from it; default: a hidden "
                                   "folder named after the job beside the caption files)")
