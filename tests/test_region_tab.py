@@ -12,8 +12,8 @@ from PIL import Image, ImageDraw
 from captioners.regions import Box, RegionOptions, crop_region
 from captioners.service import CaptionService, Host, Settings
 from captioners.ui import build_tab
-from captioners.ui.compat import GRADIO_MAJOR
-from captioners.ui.region import NO_REGION, caption_region, region_of
+from captioners.ui.compat import GRADIO_MAJOR, mask_editor_image
+from captioners.ui.region import NO_REGION, REDRAW_ID, REDRAW_ON_OPEN, caption_region, region_of
 from tests.webui_host import TINY
 
 
@@ -54,7 +54,40 @@ def test_region_controls_are_in_the_tab_and_the_brush_gets_the_uploaded_image(se
     image = by_id["captioners_image"]
     copies = [dep for dep in blocks.config["dependencies"]
               if dep["inputs"] == [image._id] and dep["outputs"] == [editor._id]]
-    assert len(copies) == 1
+    triggers = sorted(_trigger(dep) for dep in copies)
+    if GRADIO_MAJOR >= 4:
+        assert triggers == ["change"] and REDRAW_ID not in by_id
+    else:  # gradio 3's brush draws nothing it got while hidden: the redraw button gives it the image again
+        redraw = by_id[REDRAW_ID]
+        assert triggers == ["change", "then"] and not redraw.visible  # the redraw: clear, then copy
+        clears = [dep for dep in blocks.config["dependencies"]
+                  if _targets(dep) == [redraw._id] and not dep["inputs"] and dep["outputs"] == [editor._id]]
+        assert [_trigger(dep) for dep in clears] == ["click"]
+        scripts = [dep.get("js") for dep in blocks.config["dependencies"] if _trigger(dep) == "load"]
+        assert REDRAW_ON_OPEN in scripts and REDRAW_ID in REDRAW_ON_OPEN
+
+
+def test_the_brush_gets_a_radius_for_the_image_size_in_gradio_3(photo):
+    """Gradio 3 derives its default radius from the editor's size on screen, infinite while it is
+    hidden (the closed accordion), and then paints nothing: the copy carries a radius of its own."""
+    value = mask_editor_image(photo)
+    if GRADIO_MAJOR >= 4:
+        assert value is photo
+    else:
+        assert value["value"] is photo and value["brush_radius"] == round(0.04 * max(photo.size))
+        assert mask_editor_image(Image.new("RGB", (20, 10)))["brush_radius"] == 2
+    assert mask_editor_image(None) is None
+
+
+def _trigger(dep: dict) -> str:
+    """An event's name in gradio 3 (``trigger``) and from 4 (``targets`` of (id, name) pairs)."""
+    if "trigger" in dep:
+        return dep["trigger"]
+    return dep["targets"][0][1]
+
+
+def _targets(dep: dict) -> list:
+    return [t[0] if isinstance(t, (list, tuple)) else t for t in dep["targets"]]
 
 
 def test_a_painted_mask_wins_over_the_box(photo):

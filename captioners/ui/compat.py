@@ -66,3 +66,13 @@ def mask_editor(label: str, elem_id: str) -> Any:
                             transforms=(), brush=gr.Brush(colors=[MASK_COLOUR], color_mode="fixed"))
     return gr.Image(type="pil", source="upload", tool="sketch", label=label, elem_id=elem_id,
                     brush_color=MASK_COLOUR)
+
+
+def mask_editor_image(image: Any) -> Any:
+    """The update that puts ``image`` in a ``mask_editor``. Gradio 3's sketch takes its default brush
+    radius from the editor's size on screen, once: an image that arrives while the editor is hidden
+    (a closed accordion) gets an infinite radius, and strokes paint nothing. So give it a radius for
+    the image's size (about 4% of its longer side, the size of gradio's default on a typical screen)."""
+    if GRADIO_MAJOR >= 4 or image is None:
+        return image
+    return gr.update(value=image, brush_radius=max(2, round(0.04 * max(image.size))))

@@ -15,14 +15,47 @@ import gradio as gr
 from captioners.errors import CaptionerError
 from captioners.regions import OUTSIDE_MODES, RegionError, RegionOptions, crop_region, editor_value, parse_box
 from captioners.service import CaptionService
-from captioners.ui.compat import mask_editor, show_progress
+from captioners.ui.compat import GRADIO_MAJOR, mask_editor, mask_editor_image, show_progress
 
 NO_REGION = ("Paint over the area to caption on the Region image, or give its box (x, y, w, h; w and h above 0).")
 NO_IMAGE = "Upload an image first."
 
+# Gradio 3's brush (gr.Image with tool="sketch") loses the image it was given while hidden: when the
+# closed Region accordion opens, its canvases are sized afresh and come up blank (seen in reForge;
+# its brush radius is compat.mask_editor_image's matter). When the accordion is clicked open on such
+# an editor (its drawing canvas blank), the page clicks this hidden button, which gives the editor
+# the image again, now visible.
+REDRAW_ID = "captioners_region_redraw"
+REDRAW_ON_OPEN = """() => {
+  if (window.captioners_region_redraw_installed) return [];
+  window.captioners_region_redraw_installed = true;
+  const root = () => { const app = document.querySelector("gradio-app"); return (app && app.shadowRoot) || document; };
+  const blank = (canvas) => {
+    const context = canvas.getContext("2d", {willReadFrequently: true});
+    const points = [[0.5, 0.5], [0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]];
+    return points.every(([x, y]) => context.getImageData(Math.floor(canvas.width * x),
+                                                         Math.floor(canvas.height * y), 1, 1).data[3] === 0);
+  };
+  document.addEventListener("click", (event) => {
+    const path = event.composedPath ? event.composedPath() : [event.target];
+    if (!path.some((el) => el.id === "captioners_region") || path.some((el) => el.id === "captioners_region_mask")) return;
+    setTimeout(() => {
+      const editor = root().querySelector("#captioners_region_mask");
+      const drawing = editor && editor.querySelector("canvas[key=drawing]");
+      const shown = editor && editor.querySelector("img[src]");
+      if (!drawing || !shown || drawing.offsetParent === null || !drawing.width || !blank(drawing)) return;
+      const button = root().querySelector("#captioners_region_redraw");
+      if (button) button.click();
+    }, 300);
+  }, true);
+  return [];
+}"""
+
 
 class RegionControls:
     """The brush, the box fields, the crop options and the button, inside the Region accordion."""
+
+    redraw_script: str | None = None  # for the page's load event: see REDRAW_ON_OPEN
 
     def __init__(self, prefix: str, defaults: RegionOptions):
         self.editor = mask_editor("Region: paint over the area to caption (a copy of the image above)",
@@ -106,7 +139,18 @@ def region_section(service: CaptionService, image: Any, dropdown: Any, fields: l
     with gr.Accordion("Region: caption part of the image", open=False, elem_id="captioners_region"):
         region = RegionControls("captioners_region", service.settings().region)
     # The brush paints on a copy of the uploaded image.
-    image.change(lambda value: value, inputs=[image], outputs=[region.editor], **show_progress(False))
+    image.change(copy_image, inputs=[image], outputs=[region.editor], **show_progress(False))
+    if GRADIO_MAJOR < 4:
+        redraw = gr.Button("Redraw the Region image", visible=False, elem_id=REDRAW_ID)
+        # The same value again changes nothing in the page: clear the editor first, then copy.
+        redraw.click(lambda: None, outputs=[region.editor], **show_progress(False)).then(
+            copy_image, inputs=[image], outputs=[region.editor], **show_progress(False))
+        region.redraw_script = REDRAW_ON_OPEN
     region.button.click(partial(caption_region, service), inputs=[image, *region.components, dropdown, *fields],
                         outputs=outputs)
     return region
+
+
+def copy_image(image: Any) -> Any:
+    """The uploaded image, for the brush to paint on."""
+    return mask_editor_image(image)

@@ -18,7 +18,7 @@ from captioners.errors import CaptionerError
 from captioners.service import CaptionService
 from captioners.ui import render
 from captioners.ui.batch_tab import batch_section
-from captioners.ui.compat import blocks_kwargs, image_sources, show_progress
+from captioners.ui.compat import blocks_kwargs, image_sources, js, show_progress
 from captioners.ui.controls import DecodingControls, JudgingControls, choices_from, chosen_models, decoding_mapping, \
     judging_mapping, model_dropdown, model_row, refresh_models, user_error
 from captioners.ui.local_paths import local_paths_section
@@ -133,6 +133,8 @@ def build_tab(service: CaptionService, hooks: TabHooks | None = None, title: str
                                     region.margin], **show_progress(False))
         follow.click(**follow_args)
         tab.load(**follow_args)
+        if region.redraw_script:
+            tab.load(None, **js(region.redraw_script))
     return tab
 
 
