@@ -74,3 +74,23 @@ def test_rows_refuse_unknown_columns_and_foreign_files(tmp_path):
     with pytest.raises(SystemExit, match="move it away"):
         append_rows("bench_y", [{"images": 1}], tmp_path)
     assert append_rows("bench_x", [{"images": 1}], None) is None
+
+
+def test_bench_encoder_counts_every_linear_layer_and_its_sdpa_attention_matches():
+    """bench_encoder.py: its linear-layer FLOPs by hand (qkv, out proj, MLP per token; the final
+    projection), and its SDPA attention gives the blocks' own output to fp32 rounding."""
+    import types
+
+    from bench.bench_encoder import linear_flops, sdpa_attention
+
+    model = types.SimpleNamespace(visual=tiny_vit())
+    t, d = 17, 32
+    assert linear_flops(model, 3) == 3 * (2 * 2 * t * (4 * d * d + 8 * d * d) + 2 * d * 16)
+    pixels = torch.randn(2, 3, 32, 32)
+    blocks = list(model.visual.transformer.resblocks)
+    with torch.inference_mode():
+        expected = model.visual(pixels)
+        for block in blocks:
+            block.attention = types.MethodType(sdpa_attention, block)
+        got = model.visual(pixels)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
