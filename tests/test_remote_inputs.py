@@ -165,3 +165,53 @@ def test_bad_uri_inputs_are_one_line_and_exit_status_2(case, engine, tiny_args, 
     assert err.count("\n") == 1 and err.startswith(f"error: Input {uri}") and "Traceback" not in err
     assert {"no output dir": "--output-dir", "unknown scheme": "not a URI pyarrow can open",
             "missing prefix": "does not exist"}[case] in err
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_a_file_list_names_objects_and_local_images_alike(engine, request, tiny_args, photos, tmp_path, capsys):
+    """A --file-list line may be a URI: its image is read from the object, its caption goes to
+    --output-dir as a local line's would, in the list's order; the same files as a list of paths."""
+    if engine == "ray":
+        request.getfixturevalue("cluster")
+    images = copy_photos(photos, tmp_path / "set", 3)
+    local_list = tmp_path / "local.txt"
+    local_list.write_text("\n".join(str(p) for p in images) + "\n", encoding="utf-8")
+    code, summary = run(capsys, "--file-list", str(local_list), "--output-dir", str(tmp_path / "expected"), *tiny_args)
+    assert code == 0 and summary["captioned"] == 3, summary
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text(f"# two objects and a local image\n{images[0].as_uri()}\n{images[1]}\n{images[2].as_uri()}\n",
+                     encoding="utf-8")
+    code, summary = run(capsys, "--file-list", str(mixed), "--output-dir", str(tmp_path / "out"),
+                        "--engine", engine, "--batch-size", "2", "--jsonl", str(tmp_path / "all.jsonl"), *tiny_args)
+    assert code == 0 and summary["captioned"] == 3 and not summary["failed"], summary
+    assert outputs(tmp_path / "out") == outputs(tmp_path / "expected")
+    lines = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert sorted(line["path"] for line in lines) == sorted([images[0].as_uri(), str(images[1]), images[2].as_uri()])
+
+
+def test_a_uri_in_a_file_list_needs_an_output_dir(tiny_args, photos, tmp_path, capsys):
+    image = copy_photos(photos, tmp_path / "set", 1)[0]
+    listed = tmp_path / "list.txt"
+    listed.write_text(image.as_uri() + "\n", encoding="utf-8")
+    code = cli.main(["batch", "--file-list", str(listed), *tiny_args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "(in the file list)" in err and "--output-dir" in err
+    assert not list((tmp_path / "set").glob("*.txt"))
+
+
+def test_the_objects_of_a_file_list_open_their_bucket_once(monkeypatch):
+    opened: list[str] = []
+    filesystem = object()
+
+    def resolve(uri: str):
+        opened.append(uri)
+        return filesystem, uri.removeprefix("fake://").partition("?")[0]
+
+    monkeypatch.setitem(remote.SCHEMES, "fake", resolve)
+    uris = ["fake://b1/set/a.jpg", "fake://b1/set/sub/b.jpg", "fake://b2/c.png", "fake://b1/d.jpg?version=2"]
+    files = list(remote.listed_remote_files(uris))
+    assert opened == ["fake://b1/set/a.jpg", "fake://b2/c.png", "fake://b1/d.jpg?version=2"]  # per bucket (and query)
+    assert [(f.uri, f.path, f.relative) for f in files] == [
+        ("fake://b1/set/a.jpg", "b1/set/a.jpg", "a.jpg"), ("fake://b1/set/sub/b.jpg", "b1/set/sub/b.jpg", "b.jpg"),
+        ("fake://b2/c.png", "b2/c.png", "c.png"), ("fake://b1/d.jpg", "b1/d.jpg", "d.jpg")]
+    assert all(f.filesystem is filesystem for f in files)

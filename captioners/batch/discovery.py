@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from captioners.batch.remote import RemoteFile, find_remote, is_uri
+from captioners.batch.remote import RemoteFile, find_remote, is_uri, listed_remote_files
 from captioners.display import display_path
 from captioners.errors import CaptionerError
 from captioners.images import is_image_path
@@ -138,19 +138,29 @@ def _glob_root(pattern: str) -> Path:
 
 
 def _read_file_list(path: Path) -> Iterator[Found]:
-    """One image path per line (relative ones are relative to the list's folder); '#' starts a comment."""
+    """One image per line, in the list's order: a path (relative ones are relative to the list's
+    folder) or an object's URI (``s3://bucket/set/a.jpg``, whose caption needs ``output_dir``); '#'
+    starts a comment."""
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise CaptionerError(f"Cannot read the file list {path}: {exc}") from exc
+    named: list[Path | str] = []  # local images as paths, objects as URIs
     for line in lines:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
+        if is_uri(line):
+            named.append(line)
+            continue
         image = Path(line).expanduser()
-        image = image if image.is_absolute() else path.parent / image
-        if is_image_path(image):  # a missing image is reported when it fails to open
-            yield Found(image, image.parent)
+        named.append(image if image.is_absolute() else path.parent / image)
+    # A missing image is reported when it fails to open.
+    named = [item for item in named if is_image_path(PurePosixPath(item.partition("?")[0]) if isinstance(item, str)
+                                                     else item)]
+    objects = listed_remote_files(item for item in named if isinstance(item, str))
+    for item in named:
+        yield Found(next(objects), Path()) if isinstance(item, str) else Found(item, item.parent)
 
 
 def caption_path(found: Found, extension: str, output_dir: Path | None) -> Path:
@@ -181,6 +191,9 @@ def plan_images(inputs: list[str], recursive: bool, file_list: str | None, exten
     owners: dict[str, Path] = {}
     ids: set[str] = set()
     for found in find_images(inputs, recursive, file_list, failed):
+        if isinstance(found.path, RemoteFile) and out_dir is None:  # named by the file list
+            raise CaptionerError(f"{found.path.uri} (in the file list) is a URI: no caption file can be written "
+                                 "beside images in object storage; give a local folder for them (--output-dir).")
         key = found.path.uri if isinstance(found.path, RemoteFile) else real_key(found.path)
         if key in seen_images:
             continue

@@ -9,7 +9,8 @@ only when it is preprocessed, by whichever worker does that (a Ray CPU task, a l
 Captions cannot go beside an object in a bucket, so remote inputs need ``output_dir``: a local folder
 where each caption mirrors the image's path below the URI's prefix (that path is also its id).
 
-This is the one place that knows about URIs: discovery asks :func:`is_uri` and :func:`find_remote`;
+This is the one place that knows about URIs: discovery asks :func:`is_uri`, :func:`find_remote` and
+(for the URIs of a file list) :func:`listed_remote_files`;
 the preprocessing step reads a :class:`RemoteFile` with :func:`read_remote`.
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from captioners.errors import CaptionerError
 from captioners.images import is_image_path
@@ -103,6 +104,24 @@ def find_remote(uri: str, recursive: bool) -> Iterator[RemoteFile]:
         if entry.type == pyarrow.fs.FileType.File and not hidden and is_image_path(PurePosixPath(relative)):
             files.append(RemoteFile(f"{prefix}/{relative}", entry.path, relative, filesystem))
     yield from sorted(files, key=_walk_order)
+
+
+def listed_remote_files(uris: Iterable[str]) -> Iterator[RemoteFile]:
+    """The objects a file list names, one per URI, in its order. They are not listed or checked here
+    (a missing object fails when it is read, as a missing local file does): a list of a million
+    objects costs no million requests. Each bucket's filesystem (``scheme://bucket``) is opened once."""
+    opened: dict[str, tuple[Any, int]] = {}
+    for uri in uris:
+        bare, _, query = uri.partition("?")
+        rest = bare.split("://", 1)[1]
+        bucket = f"{scheme(uri)}://{rest.split('/', 1)[0]}?{query}"
+        if bucket not in opened:
+            filesystem, path = open_filesystem(uri)
+            # Where the path inside the filesystem starts in the URI (s3://b/k: 'b/k'; file:///p: '/p').
+            opened[bucket] = (filesystem, len(rest) - len(path) if rest.endswith(path) else -1)
+        filesystem, start = opened[bucket]
+        path = rest[start:] if start >= 0 else open_filesystem(uri)[1]
+        yield RemoteFile(bare, path, PurePosixPath(path).name, filesystem)
 
 
 def _list(filesystem: Any, base: str, uri: str, recursive: bool) -> tuple[list[Any], str, str]:

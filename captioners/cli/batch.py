@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="folders, image files, quoted glob patterns ('data/**/*.png') or object storage "
                              "URIs (s3://bucket/prefix/, gs://..., file://...; they need --output-dir)")
     parser.add_argument("--recursive", "-r", action="store_true", help="look into sub-folders")
-    parser.add_argument("--file-list", metavar="FILE", help="text file with one image path per line")
+    parser.add_argument("--file-list", metavar="FILE", help="text file with one image path (or object URI) per line")
 
     out = parser.add_argument_group("caption files")
     out.add_argument("--output-dir", metavar="DIR", help="write captions here, mirroring the input folders "
