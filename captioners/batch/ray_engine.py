@@ -187,8 +187,9 @@ def _connect(ray: Any, settings: RaySettings) -> bool:
 
 
 def driver_preprocessing(captioners: Sequence[Captioner], job: BatchJob) -> tuple[PreprocessStep, int]:
-    """The preprocessing the CPU tasks run, taken from the models loaded here on the CPU once (which
-    also checks their files before the cluster starts working), and how many tensors it makes."""
+    """The preprocessing the CPU tasks (or CPU workers) run, taken from the models loaded here on the
+    CPU once (which also checks their files before the cluster starts working), and how many tensors
+    it makes."""
     for captioner in captioners:
         if not captioner.loaded:
             captioner.load("cpu", torch.float32)
