@@ -193,6 +193,9 @@ def test_a_users_mistake_is_one_line_and_the_image_is_still_made(webui, loaded, 
     lines = [r for r in caplog.records if r.name.startswith("captioners") and r.levelno >= logging.WARNING]
     assert len(lines) == 1 and "\n" not in lines[0].getMessage() and not lines[0].exc_info
     assert loaded.scripts.errors == []
+    # The whole reason (which files are missing, where they go), and shown under the result too.
+    message = lines[0].getMessage()
+    assert not message.endswith(":") and "clipcap-coco" in message and processed.comments == message + "\n"
 
 
 @any_host

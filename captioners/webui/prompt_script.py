@@ -180,8 +180,8 @@ def _model_choices(model_ids: Callable[[], list[str]]) -> list[str]:
 def caption_into_prompt(p: Any, args: PromptCaption, service: Any) -> None:
     """Caption ``p``'s input image and put the caption into ``p.prompt`` (and its infotext).
 
-    A user's mistake (missing model files, a damaged image) is one log line, and the image is
-    processed with the user's own prompt.
+    A user's mistake (missing model files, a damaged image) is one log line and a comment of the
+    run (the WebUI shows those under the result), and the image is processed with the user's own prompt.
     """
     if not args.enabled:
         return
@@ -191,12 +191,12 @@ def caption_into_prompt(p: Any, args: PromptCaption, service: Any) -> None:
     p.prompt = base
     image = _input_image(p)
     if image is None:
-        log.warning("Captioners: no input image to caption; the prompt is left as it is")
+        _tell(p, "Captioners: no input image to caption; the prompt is left as it is")
         return
     try:
         model_id, captions = service.caption([image], args.model, in_current_job=True)
     except CaptionerError as exc:
-        log.warning("Captioners: no caption for the prompt: %s", str(exc).splitlines()[0])
+        _tell(p, f"Captioners: no caption for the prompt: {' '.join(str(exc).split())}")
         return
     caption = captions[0].strip()
     if not caption:
@@ -206,6 +206,15 @@ def caption_into_prompt(p: Any, args: PromptCaption, service: Any) -> None:
     setattr(p, REMEMBERED, (base, prompt))
     p.extra_generation_params.update({CAPTION_KEY: caption, MODEL_KEY: model_id, MODE_KEY: args.mode})
     log.info("Captioners: caption for the prompt: %s", caption)
+
+
+def _tell(p: Any, message: str) -> None:
+    """One log line, and a comment of the run where the host keeps them (A1111, Forge, reForge show
+    ``p.comment`` texts under the result): the user sees why the prompt has no caption."""
+    log.warning("%s", message)
+    comment = getattr(p, "comment", None)
+    if callable(comment):
+        comment(message)
 
 
 def _users_prompt(p: Any) -> Any:

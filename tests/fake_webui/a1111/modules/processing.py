@@ -44,6 +44,10 @@ class StableDiffusionProcessing:
         self.iteration = 0
         self.is_api = False
         self.user = None
+        self.comments = {}
+
+    def comment(self, text):
+        self.comments[text] = 1
 
     def setup_prompts(self):
         if isinstance(self.prompt, list):
@@ -90,6 +94,7 @@ class Processed:
         self.all_prompts = all_prompts or p.all_prompts or [p.prompt]
         self.infotexts = infotexts or [info]
         self.extra_generation_params = dict(p.extra_generation_params)
+        self.comments = "".join(f"{comment}\n" for comment in p.comments)  # shown under the result
 
 
 def quote(text):
