@@ -274,7 +274,7 @@ def test_cpu_workers_read_their_own_images_and_gpu_workers_are_fed_by_tasks(monk
     for gpus, expected in ((0, ["CaptionWorker"]), (1, ["preprocess_batch", "CaptionWorker"])):
         stages.clear()
         engine = ray_engine.RayEngine(ray_engine.RaySettings(), ray_engine.ModelRequest(("m",), "/models"))
-        list(engine._rows(FakeRay(gpus), [item], [], ray_engine.BatchJob(inputs=["/set"]), "m", "k"))
+        list(engine._rows(FakeRay(gpus), [item], [], ray_engine.BatchJob(inputs=["/set"]), "m", "k", gpus))
         assert [name for name, _ in stages] == expected
         reading = stages[-1][1]["fn_constructor_kwargs"]["reading"]
         assert (reading is not None) == (gpus == 0)
@@ -291,3 +291,34 @@ def test_a_table_folder_that_cannot_be_written_stops_before_any_captioning(tiny_
     assert code == 2
     assert "Cannot write the result table" in err and "--table-dir" in err and "Traceback" not in err
     assert not list(folder.glob("*.txt"))
+
+
+def test_a_worker_gets_the_same_inputs_whether_it_reads_its_images_or_is_fed(photos):
+    """CPU workers preprocess in the actor; GPU workers get the tensors as bytes from CPU tasks: the
+    captioning step sees the same ids, paths, pixels and errors either way."""
+    import pyarrow as pa
+    import torch
+
+    from captioners.batch import ray_engine
+
+    def step(path):
+        return "cannot read it: broken" if path.endswith("bad.jpg") else (torch.full((3, 2, 2), float(len(path))),
+                                                                           torch.ones(4, dtype=torch.float16))
+
+    seen = []
+
+    class Step:
+        def rows(self, ids, paths, pixels, errors):
+            seen.append((ids, paths, pixels, errors))
+            return []
+
+    batch = pa.table({"id": ["a", "b"], "path": ["/set/a.jpg", "/set/bad.jpg"], "filesystem": [-1, -1],
+                      "object": ["", ""]})
+    for reading in ({"step": step, "filesystems": []}, None):
+        worker = ray_engine.CaptionWorker.__new__(ray_engine.CaptionWorker)
+        worker.step, worker.slots, worker.reading = Step(), 2, reading
+        worker(batch if reading else ray_engine.preprocess_batch(batch, step, 2))
+    (ids, paths, own, errors), (*fed_rest, fed, fed_errors) = seen
+    assert ids == ["a", "b"] and paths == ["/set/a.jpg", "/set/bad.jpg"] and fed_rest == [ids, paths]
+    assert errors == fed_errors == [None, "cannot read it: broken"]
+    assert all(torch.equal(x, y) and x.dtype == y.dtype == torch.float32 for x, y in zip(own, fed))

@@ -145,19 +145,14 @@ def _read_file_list(path: Path) -> Iterator[Found]:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise CaptionerError(f"Cannot read the file list {path}: {exc}") from exc
-    named: list[Path | str] = []  # local images as paths, objects as URIs
+    named: list[Path | str] = []  # local images as paths, objects as URIs; a missing one fails when opened
     for line in lines:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if is_uri(line):
-            named.append(line)
-            continue
-        image = Path(line).expanduser()
-        named.append(image if image.is_absolute() else path.parent / image)
-    # A missing image is reported when it fails to open.
-    named = [item for item in named if is_image_path(PurePosixPath(item.partition("?")[0]) if isinstance(item, str)
-                                                     else item)]
+        image = PurePosixPath(line.partition("?")[0]) if is_uri(line) else Path(line).expanduser()
+        if is_image_path(image):
+            named.append(line if is_uri(line) else image if image.is_absolute() else path.parent / image)
     objects = listed_remote_files(item for item in named if isinstance(item, str))
     for item in named:
         yield Found(next(objects), Path()) if isinstance(item, str) else Found(item, item.parent)
@@ -181,9 +176,8 @@ def plan_images(inputs: list[str], recursive: bool, file_list: str | None, exten
                 output_dir: str | None) -> Discovery:
     """Every image once (by real path) with its caption file; caption-file clashes are failures."""
     remote = next((item for item in inputs if is_uri(item)), None)
-    if remote and not output_dir:
-        raise CaptionerError(f"Input {remote} is a URI: no caption file can be written beside images in object "
-                             "storage; give a local folder for them (--output-dir, or output_dir of the job).")
+    if remote and not output_dir:  # before listing it
+        raise _needs_output_dir(f"Input {remote}")
     out_dir = Path(output_dir).expanduser() if output_dir else None
     items: list[Planned] = []
     failed: list[tuple[str, str]] = []
@@ -192,8 +186,7 @@ def plan_images(inputs: list[str], recursive: bool, file_list: str | None, exten
     ids: set[str] = set()
     for found in find_images(inputs, recursive, file_list, failed):
         if isinstance(found.path, RemoteFile) and out_dir is None:  # named by the file list
-            raise CaptionerError(f"{found.path.uri} (in the file list) is a URI: no caption file can be written "
-                                 "beside images in object storage; give a local folder for them (--output-dir).")
+            raise _needs_output_dir(f"{found.path.uri} (in the file list)")
         key = found.path.uri if isinstance(found.path, RemoteFile) else real_key(found.path)
         if key in seen_images:
             continue
@@ -213,6 +206,11 @@ def plan_images(inputs: list[str], recursive: bool, file_list: str | None, exten
         owners[target_key] = found.path
         items.append(Planned(len(items), found.path, target, image_id(found, ids)))
     return Discovery(items, failed, seen_images, owners)
+
+
+def _needs_output_dir(what: str) -> CaptionerError:
+    return CaptionerError(f"{what} is a URI: no caption file can be written beside images in object storage; give "
+                          "a local folder for them (--output-dir, or output_dir of the job).")
 
 
 def image_id(found: Found, taken: set[str]) -> str:

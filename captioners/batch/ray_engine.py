@@ -100,8 +100,9 @@ class RayEngine:
         ray = _import_ray()
         started = _connect(ray, self.settings)
         try:
-            self._check_room(ray, fixed_size=started, gpus_per_worker=self._gpus_per_worker(ray))
-            for rows in self._rows(ray, rest, captioners, job, model_id, key):
+            gpus = self._gpus_per_worker(ray)
+            self._check_room(ray, fixed_size=started, gpus_per_worker=gpus)
+            for rows in self._rows(ray, rest, captioners, job, model_id, key, gpus):
                 if table is not None:
                     table.append(rows)  # first the table: a run killed after this resumes from it
                 yield [(position[row["id"]], judged_from_row(row)) for row in rows]
@@ -110,18 +111,17 @@ class RayEngine:
                 ray.shutdown()
 
     def _rows(self, ray: Any, items: list[Planned], captioners: Sequence[Captioner], job: BatchJob,
-              model_id: str, key: str) -> Iterator[list[dict[str, Any]]]:
+              model_id: str, key: str, gpus: float) -> Iterator[list[dict[str, Any]]]:
         preprocess, slots = driver_preprocessing(captioners, job)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = self.settings.progress
         records, filesystems = source_records(items)
         blocks = max(1, min(len(records), math.ceil(len(records) / job.batch_size)))
         dataset = ray.data.from_items(records, override_num_blocks=blocks)
-        reading: dict[str, Any] | None = {"step": preprocess, "slots": slots, "filesystems": filesystems}
-        gpus = self._gpus_per_worker(ray)
+        reading: dict[str, Any] | None = {"step": preprocess, "filesystems": filesystems}
         if gpus > 0:  # CPU tasks feed the GPU actors (see the module docstring); CPU actors read their own
-            dataset = dataset.map_batches(preprocess_batch, fn_kwargs=reading, batch_size=job.batch_size,
-                                          batch_format="pyarrow", num_cpus=PREPROCESS_CPUS)
+            dataset = dataset.map_batches(preprocess_batch, fn_kwargs={**reading, "slots": slots},
+                                          batch_size=job.batch_size, batch_format="pyarrow", num_cpus=PREPROCESS_CPUS)
             reading = None
         dataset = dataset.map_batches(
             CaptionWorker, fn_constructor_kwargs={"request": self._worker_request(gpus), "job": job,
@@ -222,26 +222,36 @@ def source_records(items: Sequence[Planned]) -> tuple[list[dict[str, Any]], list
     return records, filesystems
 
 
+def read_batch(batch: Any, step: PreprocessStep, filesystems: Sequence[Any] = ()) -> tuple[list, list, list]:
+    """A batch's ids and paths, and each image's preprocessing: the model's input (a tensor, or a
+    tuple of them), or the reason it failed (a string)."""
+    columns = [batch.column(name).to_pylist() for name in ("id", "path", "filesystem", "object")]
+    ids, paths, results = [], [], []
+    for image_id, path, number, inside in zip(*columns):
+        source = RemoteFile(path, inside, "", filesystems[number]) if number >= 0 else path
+        ids.append(image_id)
+        paths.append(path)
+        results.append(step(source))
+    return ids, paths, results
+
+
 def preprocess_batch(batch: Any, step: PreprocessStep, slots: int, filesystems: Sequence[Any] = ()) -> Any:
     """A CPU task: rows of id, path -> the same with the model's input as float32 bytes, or an error."""
     import pyarrow as pa
 
-    out: dict[str, list[Any]] = {"id": [], "path": [], "error": []}
+    ids, paths, results = read_batch(batch, step, filesystems)
+    out: dict[str, list[Any]] = {"id": ids, "path": paths,
+                                 "error": [result if isinstance(result, str) else None for result in results]}
     for k in range(slots):
-        out[f"pixels_{k}"], out[f"shape_{k}"] = [], []
-    columns = [batch.column(name).to_pylist() for name in ("id", "path", "filesystem", "object")]
-    for image_id, path, number, inside in zip(*columns):
-        source = RemoteFile(path, inside, "", filesystems[number]) if number >= 0 else path
-        result = step(source)
-        parts = (result,) if isinstance(result, torch.Tensor) else result
-        out["id"].append(image_id)
-        out["path"].append(path)
-        out["error"].append(result if isinstance(result, str) else None)
-        for k in range(slots):
-            tensor = None if isinstance(result, str) else parts[k].to(torch.float32).contiguous()
-            out[f"pixels_{k}"].append(None if tensor is None else tensor.numpy().tobytes())
-            out[f"shape_{k}"].append(None if tensor is None else list(tensor.shape))
+        tensors = [None if isinstance(result, str) else _parts(result)[k].to(torch.float32).contiguous()
+                   for result in results]
+        out[f"pixels_{k}"] = [None if tensor is None else tensor.numpy().tobytes() for tensor in tensors]
+        out[f"shape_{k}"] = [None if tensor is None else list(tensor.shape) for tensor in tensors]
     return pa.table(out)
+
+
+def _parts(result: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return (result,) if isinstance(result, torch.Tensor) else tuple(result)
 
 
 class CaptionWorker:
@@ -249,8 +259,8 @@ class CaptionWorker:
 
     def __init__(self, request: ModelRequest, job: BatchJob, model_id: str, key: str, slots: int,
                  reading: dict[str, Any] | None = None):
-        """``reading``: ``preprocess_batch``'s arguments when this actor reads its own images (CPU
-        workers), None when CPU tasks hand it the model's inputs."""
+        """``reading``: ``read_batch``'s step and filesystems when this actor reads its own images
+        (CPU workers), None when CPU tasks hand it the model's inputs."""
         captioners = [captioner.load(request.device, request.dtype) for captioner in request.captioners()]
         judgement = RunJudgement(captioners, job, swap_models=len(captioners) > 1)
         self.step = CaptionStep(judgement.start(), model_id, key)
@@ -260,17 +270,20 @@ class CaptionWorker:
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa
 
-        if self.reading is not None:
-            batch = preprocess_batch(batch, **self.reading)
-        rows = batch.to_pylist()
-        errors = [row["error"] for row in rows]
-        good = [row for row in rows if not row["error"]]
+        if self.reading is not None:  # the tensors straight from the preprocessing, no bytes between
+            ids, paths, results = read_batch(batch, **self.reading)
+        else:
+            rows = batch.to_pylist()
+            ids, paths = [row["id"] for row in rows], [row["path"] for row in rows]
+            results = [row["error"] or tuple(_tensor(row[f"pixels_{k}"], row[f"shape_{k}"]) for k in range(self.slots))
+                       for row in rows]
+        errors = [result if isinstance(result, str) else None for result in results]
+        good = [_parts(result) for result in results if not isinstance(result, str)]
         pixels = None
         if good:
-            stacked = [torch.stack([_tensor(row[f"pixels_{k}"], row[f"shape_{k}"]) for row in good])
-                       for k in range(self.slots)]
+            stacked = [torch.stack([parts[k].to(torch.float32) for parts in good]) for k in range(self.slots)]
             pixels = stacked[0] if self.slots == 1 else tuple(stacked)
-        table_rows = self.step.rows([row["id"] for row in rows], [row["path"] for row in rows], pixels, errors)
+        table_rows = self.step.rows(ids, paths, pixels, errors)
         return pa.Table.from_pylist(table_rows, schema=arrow_schema())
 
 

@@ -139,18 +139,13 @@ def region_section(service: CaptionService, image: Any, dropdown: Any, fields: l
     with gr.Accordion("Region: caption part of the image", open=False, elem_id="captioners_region"):
         region = RegionControls("captioners_region", service.settings().region)
     # The brush paints on a copy of the uploaded image.
-    image.change(copy_image, inputs=[image], outputs=[region.editor], **show_progress(False))
+    image.change(mask_editor_image, inputs=[image], outputs=[region.editor], **show_progress(False))
     if GRADIO_MAJOR < 4:
         redraw = gr.Button("Redraw the Region image", visible=False, elem_id=REDRAW_ID)
         # The same value again changes nothing in the page: clear the editor first, then copy.
         redraw.click(lambda: None, outputs=[region.editor], **show_progress(False)).then(
-            copy_image, inputs=[image], outputs=[region.editor], **show_progress(False))
+            mask_editor_image, inputs=[image], outputs=[region.editor], **show_progress(False))
         region.redraw_script = REDRAW_ON_OPEN
     region.button.click(partial(caption_region, service), inputs=[image, *region.components, dropdown, *fields],
                         outputs=outputs)
     return region
-
-
-def copy_image(image: Any) -> Any:
-    """The uploaded image, for the brush to paint on."""
-    return mask_editor_image(image)

@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 import gradio as gr
 
+from captioners.batch.remote import exception_text
 from captioners.errors import CaptionerError
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ def caption_into_prompt(p: Any, args: PromptCaption, service: Any) -> None:
     try:
         model_id, captions = service.caption([image], args.model, in_current_job=True)
     except CaptionerError as exc:
-        _tell(p, f"Captioners: no caption for the prompt: {' '.join(str(exc).split())}")
+        _tell(p, f"Captioners: no caption for the prompt: {exception_text(exc)}")
         return
     caption = captions[0].strip()
     if not caption:
