@@ -55,11 +55,12 @@ def batch_size(text: str) -> int | str:
     return AUTO if text == AUTO else int(text)
 
 
-def sidecars(captioner, images: list[Path], out: Path, size: int | str, workers: int | str, fast: bool):
+def sidecars(captioner, images: list[Path], out: Path, size: int | str, workers: int | str, fast: bool,
+             gpu_decode: bool = False):
     """One whole folder -> sidecars run; its summary."""
     shutil.rmtree(out, ignore_errors=True)
     job = BatchJob(inputs=[str(p) for p in images], output_dir=str(out), batch_size=size, workers=workers,
-                   fast_decode=fast)
+                   fast_decode=fast, gpu_decode=gpu_decode)
     summary = run_batch(captioner, job)
     assert summary.captioned == len(images) and not summary.failed, summary.failed[:3]
     return summary
@@ -77,17 +78,21 @@ def bench_family(family: str, args, images: list[Path], work: Path) -> None:
     env = environment(captioner.device, captioner.dtype)
     workers = auto_workers() if args.workers == AUTO else args.workers
     print(f"\n{family}: {len(images)} images -> sidecars, {env['device']} {env['dtype']}, {workers} decoding workers")
-    print(f"{'batch':>7} {'images/s':>9} {'data wait':>10} {'waiting s':>10} {'captioning s':>13} {'writing s':>10}")
+    print(f"{'JPEGs':>5} {'batch':>7} {'images/s':>9} {'data wait':>10} {'waiting s':>10} {'captioning s':>13} "
+          f"{'writing s':>10}")
     rows = []
     for size in args.batch_size:
-        summary = sidecars(captioner, images, work / f"{family}-{size}", size, args.workers, args.fast_decode)
-        stages = summary.stages
-        print(f"{stages['batch_size']:>7} {summary.images_per_s:>9.2f} {stages['data_wait']:>9.1%} "
-              f"{stages['waiting_s']:>10.2f} {stages['captioning_s']:>13.2f} {stages['writing_s']:>10.2f}")
-        rows.append({**env, "batch": stages["batch_size"], "images": len(images),
-                     "measure": f"{family} folder -> sidecars" + (" (batch auto)" if size == AUTO else ""),
-                     "images_per_s": round(summary.images_per_s, 3), "data_wait": round(stages["data_wait"], 4),
-                     **encoder.columns(), "note": f"workers {workers}, fast decode {args.fast_decode}"})
+        for decode in args.decode:
+            summary = sidecars(captioner, images, work / f"{family}-{size}-{decode}", size, args.workers,
+                               args.fast_decode, gpu_decode=decode == "gpu")
+            stages = summary.stages
+            print(f"{decode:>5} {stages['batch_size']:>7} {summary.images_per_s:>9.2f} {stages['data_wait']:>9.1%} "
+                  f"{stages['waiting_s']:>10.2f} {stages['captioning_s']:>13.2f} {stages['writing_s']:>10.2f}")
+            rows.append({**env, "batch": stages["batch_size"], "images": len(images),
+                         "measure": f"{family} folder -> sidecars, JPEGs decoded on the {decode.upper()}"
+                                    + (" (batch auto)" if size == AUTO else ""),
+                         "images_per_s": round(summary.images_per_s, 3), "data_wait": round(stages["data_wait"], 4),
+                         **encoder.columns(), "note": f"workers {workers}, fast decode {args.fast_decode}"})
     print(encoder.line())
     append_rows("bench_sidecars", rows, args.results)
     captioner.unload()
@@ -102,6 +107,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="auto: fp16 on CUDA, fp32 on a CPU")
     parser.add_argument("--fast-decode", action="store_true", help="JPEG draft decoding (pixels differ slightly)")
+    parser.add_argument("--decode", nargs="+", choices=("cpu", "gpu"), default=["cpu"],
+                        help="where JPEGs are decoded: the workers (cpu) or the GPU (gpu: --gpu-decode; "
+                             "without a CUDA GPU it falls back to the CPU); both: side by side")
     parser.add_argument("--encoder-batch", type=int, default=64, help="batch of the encoder GFLOP/s measure")
     parser.add_argument("--stop-scale", type=float, default=4.0, help="clip-prefix: as bench_batch.py")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "captioners-bench-batch"),

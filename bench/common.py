@@ -3,13 +3,14 @@ encoder's GFLOP/s against a matmul of its shapes, and result rows appended to be
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -92,44 +93,73 @@ def count_flops(fn: Callable[[], object]) -> int:
     convolutions and attention; norms and activations are not counted, as is the convention).
     MultiheadAttention's fused fast path is switched off while counting: the counter cannot see
     inside it, and the unfused path does the same arithmetic."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+    from torch.utils.flop_counter import FlopCounterMode, mm_flop, sdpa_flop_count
 
     def attention(query, key, value, *_, out_shape=None, **__) -> int:
         return sdpa_flop_count(query, key, value)
 
+    def accumulating_matmul(_self, a, b, *_, out_shape=None, **__) -> int:
+        return mm_flop(a, b)  # x.addmm_(a, b): our ViT forward's residual adds
+
     # Under inference mode the counter sees scaled_dot_product_attention itself, and on a CPU its
-    # kernel, neither of which torch's table lists (it has the CUDA kernels only): add them.
+    # kernel, neither of which torch's table lists (it has the CUDA kernels only), nor the in-place
+    # addmm_: add them.
     aten = torch.ops.aten
-    attention_ops = {aten.scaled_dot_product_attention: attention}
+    extra_ops = {aten.scaled_dot_product_attention: attention, aten.addmm_: accumulating_matmul}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        attention_ops[aten._scaled_dot_product_flash_attention_for_cpu] = attention
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with FlopCounterMode(display=False, custom_mapping=attention_ops) as counter, torch.inference_mode():
-            fn()
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
+        extra_ops[aten._scaled_dot_product_flash_attention_for_cpu] = attention
+    with unfused_attention(), FlopCounterMode(display=False, custom_mapping=extra_ops) as counter, \
+            torch.inference_mode():
+        fn()
     return int(counter.get_total_flops())
 
 
+@contextlib.contextmanager
+def unfused_attention() -> Iterator[None]:
+    """MultiheadAttention's fused inference fast path off (operator counters cannot see inside it;
+    the unfused path does the same arithmetic), then back as it was."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
 def largest_linear(fn: Callable[[], object]) -> tuple[int, int, int]:
-    """``(m, k, n)`` of the nn.Linear call in ``fn()`` with the most multiply-adds (m = rows of its input)."""
+    """``(m, k, n)`` of the linear layer in ``fn()`` with the most multiply-adds."""
+    return max(linear_shapes(fn), key=lambda s: s[0] * s[1] * s[2])
+
+
+def linear_shapes(fn: Callable[[], object]) -> list[tuple[int, int, int]]:
+    """``(m, k, n)`` of every linear layer's matmul in ``fn()``, whether called as nn.Linear
+    (open_clip's blocks, with :func:`unfused_attention`) or as
+    addmm/addmm_ (our own ViT forward). Attention's batched matmuls are not linear layers."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    matmuls = {aten.addmm.default: 1, aten.addmm_.default: 1, aten.addmm.out: 1, aten.mm.default: 0}
     shapes: list[tuple[int, int, int]] = []
 
-    def record(module: torch.nn.Module, inputs: tuple, _output: object) -> None:
-        if isinstance(module, torch.nn.Linear) and inputs and isinstance(inputs[0], torch.Tensor):
-            shapes.append((inputs[0].numel() // module.in_features, module.in_features, module.out_features))
+    class RecordMatmuls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is aten.linear.default:  # input (..., k), weight (n, k)
+                (n, k) = args[1].shape
+                shapes.append((args[0].numel() // k, k, n))
+            elif func is aten.matmul.default and args[1].dim() == 2:  # (..., k) @ (k, n): a projection
+                (k, n) = args[1].shape
+                shapes.append((args[0].numel() // k, k, n))
+            elif func in matmuls:  # (m, k) @ (k, n)
+                first = matmuls[func]
+                (m, k), (_, n) = args[first].shape, args[first + 1].shape
+                shapes.append((m, k, n))
+            return func(*args, **(kwargs or {}))
 
-    handle = torch.nn.modules.module.register_module_forward_hook(record)
-    try:
-        with torch.inference_mode():
-            fn()
-    finally:
-        handle.remove()
+    with unfused_attention(), torch.inference_mode(), RecordMatmuls():
+        fn()
     if not shapes:
-        raise ValueError("the image encoder ran no nn.Linear layer: no matmul shape to compare with")
-    return max(shapes, key=lambda s: s[0] * s[1] * s[2])
+        raise ValueError("the image encoder ran no linear layer: no matmul shape to compare with")
+    return shapes
 
 
 def matmul_gflops(shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype,
@@ -148,9 +178,10 @@ def matmul_gflops(shape: tuple[int, int, int], device: torch.device, dtype: torc
 
 
 def encoder_figures(name: str, encode: Callable[[torch.Tensor], object], pixels: torch.Tensor,
-                    repeats: int = 2) -> EncoderFigures:
+                    repeats: int = 2, matmul: float | None = None) -> EncoderFigures:
     """Time the best of ``repeats`` calls of ``encode(pixels)``, and a matmul of the encoder's
-    largest linear layer's shape at this batch on the same device and dtype, in this run.
+    largest linear layer's shape at this batch on the same device and dtype, in this run (or take
+    ``matmul``, GFLOP/s already measured for that shape in this run).
 
     FLOPs and shapes are taken on one image and scaled by the batch (an image encoder's work is
     linear in it): counting a full batch of a ViT-L on a CPU would cost minutes."""
@@ -161,8 +192,9 @@ def encoder_figures(name: str, encode: Callable[[torch.Tensor], object], pixels:
     shape = (rows * batch, k, n)
     with torch.inference_mode():
         seconds = min(timed(lambda: encode(pixels))[1] for _ in range(max(1, repeats)))
-    return EncoderFigures(name, batch, flops / batch / 1e9, flops / seconds / 1e9,
-                          matmul_gflops(shape, pixels.device, pixels.dtype), shape)
+    if matmul is None:
+        matmul = matmul_gflops(shape, pixels.device, pixels.dtype)
+    return EncoderFigures(name, batch, flops / batch / 1e9, flops / seconds / 1e9, matmul, shape)
 
 
 def captioner_encoder(captioner) -> Callable[[torch.Tensor], object]:

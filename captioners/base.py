@@ -20,6 +20,7 @@ from captioners.devices import free_memory, resolve_device, resolve_dtype
 from captioners.errors import CaptionerError
 from captioners.images import EncodedImage, to_rgb
 from captioners.options import DecodingOptions
+from captioners.tensor_preprocess import TensorPreprocess, from_transforms
 from captioners.weights import Asset, ensure_assets
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,11 @@ class Captioner(ABC):
     def _preprocessor(self) -> Callable[[Image.Image], torch.Tensor]:
         """The loaded model's own PIL -> tensor function (see :meth:`preprocessor`)."""
 
+    def _tensor_preprocessor(self) -> TensorPreprocess | None:
+        """The same preprocessing on a decoded uint8 tensor (GPU JPEG decoding), None if there is none:
+        by default, read from a torchvision pipeline (open_clip's); families with another override."""
+        return from_transforms(self._preprocessor())
+
     @abstractmethod
     def caption_pixels(self, pixels: torch.Tensor, options: DecodingOptions) -> list[str]:
         """Caption a stacked batch of preprocessed images; ``options`` are already merged."""
@@ -156,6 +162,12 @@ class Captioner(ABC):
         if not self.loaded:
             raise CaptionerError(f"Load {self.spec.id} before asking for its preprocessing.")
         return self._preprocessor()
+
+    def tensor_preprocessor(self) -> TensorPreprocess | None:
+        """The preprocessing as tensor operations for ``--gpu-decode`` (after load), or None."""
+        if not self.loaded:
+            raise CaptionerError(f"Load {self.spec.id} before asking for its preprocessing.")
+        return self._tensor_preprocessor()
 
     @property
     def loaded(self) -> bool:

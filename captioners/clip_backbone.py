@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from captioners import vit_encoder
 from captioners.errors import CaptionerError, MissingWeightsError
 from captioners.weights import Asset, ensure_asset, load_state_dict
 
@@ -160,6 +161,14 @@ class ClipBackbone:
         self.preprocess = preprocess  # PIL image -> (3, H, W) float tensor; picklable for workers
         self.tokenizer = tokenizer
         self.spec = spec
+        # On a CPU a ViT tower runs through our own forward (same weights, same embeddings to fp32
+        # rounding, fewer allocations: captioners/vit_encoder.py); elsewhere, and for towers it does
+        # not know, open_clip's own. On a GPU open_clip's fused attention path is not memory bound.
+        visual = getattr(model, "visual", None)
+        reason = vit_encoder.unsupported_reason(visual) if visual is not None else "no image tower"
+        self.own_vit = vit_encoder.OwnViTForward(visual) if reason is None else None
+        if reason:
+            log.debug("CLIP %s: open_clip's own image forward (%s)", spec.label, reason)
 
     @property
     def device(self) -> torch.device:
@@ -180,7 +189,9 @@ class ClipBackbone:
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor, normalize: bool) -> torch.Tensor:
         """(B, 3, H, W) pixels -> (B, D) float32 embeddings."""
-        features = self.model.encode_image(pixels.to(self.device, self.dtype, non_blocking=True)).float()
+        pixels = pixels.to(self.device, self.dtype, non_blocking=True)
+        encode = self.own_vit if self.own_vit is not None and pixels.device.type == "cpu" else self.model.encode_image
+        features = encode(pixels).float()
         return features / features.norm(dim=-1, keepdim=True) if normalize else features
 
     @torch.inference_mode()

@@ -8,7 +8,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import IO, Iterable, Iterator
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -87,7 +87,7 @@ OPEN_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 @contextlib.contextmanager
-def opened(source: str | os.PathLike | io.BytesIO) -> Iterator[Image.Image]:
+def opened(source: str | os.PathLike | IO[bytes]) -> Iterator[Image.Image]:
     """``Image.open`` without the decompression-bomb warning: sizes are checked by the callers, and
     images above Pillow's hard limit (2 x ``Image.MAX_IMAGE_PIXELS``) still raise."""
     with warnings.catch_warnings():

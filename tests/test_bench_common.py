@@ -7,6 +7,7 @@ import csv
 import pytest
 import torch
 
+from captioners.vit_encoder import OwnViTForward
 from bench.common import CSV_COLUMNS, append_rows, count_flops, encoder_figures, environment, largest_linear
 
 
@@ -18,18 +19,24 @@ def tiny_vit():
                              output_dim=16).eval()
 
 
-def hand_count(batch: int, tokens: int = 17, width: int = 32, layers: int = 2, out: int = 16) -> int:
-    """2 FLOPs per multiply-add: patch conv, then per layer qkv, QK^T, AV, out proj, MLP; then proj."""
+def hand_count(batch: int, tokens: int = 17, width: int = 32, layers: int = 2, out: int = 16,
+               class_token_last: bool = False) -> int:
+    """2 FLOPs per multiply-add: patch conv, then per layer qkv, QK^T, AV, out proj, MLP; then proj.
+    ``class_token_last``: the last layer as our forward does it (keys and values of every token,
+    the rest for the class token alone)."""
     t, d = tokens, width
     patches = 2 * 16 * d * 3 * 8 * 8
     layer = 2 * t * d * 3 * d + 2 * 2 * t * t * d + 2 * t * d * d + 2 * 2 * t * d * 4 * d
-    return batch * (patches + layers * layer + 2 * d * out)
+    last = 2 * t * d * 2 * d + 2 * d * d + 2 * 2 * t * d + 2 * d * d + 2 * 2 * d * 4 * d
+    blocks = (layers - 1) * layer + last if class_token_last else layers * layer
+    return batch * (patches + blocks + 2 * d * out)
 
 
 def test_flops_of_a_tiny_vit_match_a_hand_count():
     model = tiny_vit()
     pixels = torch.randn(3, 3, 32, 32)
     assert count_flops(lambda: model(pixels)) == hand_count(3)
+    assert count_flops(lambda: OwnViTForward(model)(pixels)) == hand_count(3, class_token_last=True)
 
 
 def test_flop_count_leaves_attention_fast_path_as_it_was():
@@ -41,7 +48,9 @@ def test_flop_count_leaves_attention_fast_path_as_it_was():
 
 def test_largest_linear_is_the_mlp_of_every_token():
     model = tiny_vit()
-    assert largest_linear(lambda: model(torch.randn(3, 3, 32, 32))) == (3 * 17, 32, 128)
+    pixels = torch.randn(3, 3, 32, 32)
+    assert largest_linear(lambda: model(pixels)) == (3 * 17, 32, 128)
+    assert largest_linear(lambda: OwnViTForward(model)(pixels)) == (3 * 17, 32, 128)  # addmm, not nn.Linear
 
 
 def test_encoder_figures_are_consistent():
@@ -76,21 +85,14 @@ def test_rows_refuse_unknown_columns_and_foreign_files(tmp_path):
     assert append_rows("bench_x", [{"images": 1}], None) is None
 
 
-def test_bench_encoder_counts_every_linear_layer_and_its_sdpa_attention_matches():
-    """bench_encoder.py: its linear-layer FLOPs by hand (qkv, out proj, MLP per token; the final
-    projection), and its SDPA attention gives the blocks' own output to fp32 rounding."""
-    import types
+def test_bench_encoder_counts_every_linear_layer_of_both_forwards():
+    """bench_encoder.py's linear-layer FLOPs against a hand count (qkv, out proj, MLP per token; the
+    final projection of the class token), for open_clip's forward and ours."""
+    from bench.bench_encoder import linear_flops
 
-    from bench.bench_encoder import linear_flops, sdpa_attention
-
-    model = types.SimpleNamespace(visual=tiny_vit())
+    model = tiny_vit()
+    pixels = torch.randn(3, 3, 32, 32)
     t, d = 17, 32
-    assert linear_flops(model, 3) == 3 * (2 * 2 * t * (4 * d * d + 8 * d * d) + 2 * d * 16)
-    pixels = torch.randn(2, 3, 32, 32)
-    blocks = list(model.visual.transformer.resblocks)
-    with torch.inference_mode():
-        expected = model.visual(pixels)
-        for block in blocks:
-            block.attention = types.MethodType(sdpa_attention, block)
-        got = model.visual(pixels)
-    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    assert linear_flops(lambda: model(pixels)) == 3 * (2 * 2 * t * (4 * d * d + 8 * d * d) + 2 * d * 16)
+    last = 2 * t * 2 * d * d + 2 * (2 * d * d + 8 * d * d)
+    assert linear_flops(lambda: OwnViTForward(model)(pixels)) == 3 * (2 * t * 12 * d * d + last + 2 * d * 16)

@@ -89,8 +89,8 @@ def test_clip_score_equals_an_independent_computation(icg_checkpoint, load_tiny,
 def test_scoring_reuses_the_image_embedding(icg_checkpoint, load_tiny, images, monkeypatch):
     captioner = load_tiny(icg_checkpoint.path)
     calls = []
-    encode = captioner.clip.model.encode_image
-    monkeypatch.setattr(captioner.clip.model, "encode_image", lambda x: calls.append(len(x)) or encode(x))
+    encode = captioner.clip.encode_images
+    monkeypatch.setattr(captioner.clip, "encode_images", lambda x, normalize: calls.append(len(x)) or encode(x, normalize))
     Judge([captioner], SHORT, JudgingOptions(score=True)).judge_images(images)
     assert calls == [len(images)]  # one encode of the batch: the captioner's own
 

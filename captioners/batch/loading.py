@@ -21,12 +21,13 @@ from __future__ import annotations
 import signal
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from captioners.batch.gpu_decode import EncodedJpeg, GpuJpegStage
 from captioners.batch.job import Loader
 from captioners.batch.remote import RemoteFile
 from captioners.batch.steps import Pixels, PreprocessStep
@@ -39,14 +40,18 @@ class LoadedBatch:
     indices: list[int]                 # dataset positions of the images in ``pixels``
     pixels: Pixels | None              # (B, 3, H, W), or a tuple of them; None when every image failed
     failed: list[tuple[int, str]]      # (dataset position, reason)
+    jpegs: list[tuple[int, EncodedJpeg]] = field(default_factory=list)  # left for the GPU (--gpu-decode)
 
     def pin_memory(self) -> "LoadedBatch":
         """Page-locked pixels copy to the GPU asynchronously (DataLoader calls this too)."""
-        if isinstance(self.pixels, tuple):
-            self.pixels = tuple(part.pin_memory() for part in self.pixels)
-        elif self.pixels is not None:
-            self.pixels = self.pixels.pin_memory()
+        if self.pixels is not None:
+            self.pixels = _each(self.pixels, torch.Tensor.pin_memory)
         return self
+
+
+def _each(pixels: Pixels, function) -> Pixels:
+    """``function`` of the tensor, or of each model's tensor in a tuple."""
+    return tuple(function(part) for part in pixels) if isinstance(pixels, tuple) else function(pixels)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -63,15 +68,32 @@ class ImageDataset(torch.utils.data.Dataset):
         return index, self.preprocess(self.paths[index])
 
 
-def collate(items: list[tuple[int, Pixels | str]]) -> LoadedBatch:
-    ok = [(i, x) for i, x in items if not isinstance(x, str)]
+def collate(items: list[tuple[int, Pixels | EncodedJpeg | str]]) -> LoadedBatch:
+    jpegs = [(i, x) for i, x in items if isinstance(x, EncodedJpeg)]
+    ok = [(i, x) for i, x in items if not isinstance(x, (str, EncodedJpeg))]
     failed = [(i, x) for i, x in items if isinstance(x, str)]
     pixels: Pixels | None = None
     if ok and isinstance(ok[0][1], tuple):
         pixels = tuple(torch.stack(parts) for parts in zip(*(x for _, x in ok)))
     elif ok:
         pixels = torch.stack([x for _, x in ok])
-    return LoadedBatch([i for i, _ in ok], pixels, failed)
+    return LoadedBatch([i for i, _ in ok], pixels, failed, jpegs)
+
+
+def with_gpu_jpegs(batch: LoadedBatch, stage: GpuJpegStage) -> LoadedBatch:
+    """``batch`` with its JPEGs decoded and preprocessed by ``stage`` and stacked with its other
+    images by :func:`collate`, every pixel on the stage's device; JPEGs that cannot be used join
+    ``failed``."""
+    if not batch.jpegs:
+        return batch
+    decoded = stage.pixels_of([jpeg for _, jpeg in batch.jpegs])
+    loaded = [] if batch.pixels is None else [
+        _each(batch.pixels, lambda part, row=row: part[row]) for row in range(len(batch.indices))]
+    items = list(zip(batch.indices, loaded)) + [(index, x) for (index, _), x in zip(batch.jpegs, decoded)]
+    merged = collate([(index, x if isinstance(x, str) else _each(x, lambda part: part.to(stage.device, non_blocking=True)))
+                      for index, x in items])
+    merged.failed = batch.failed + merged.failed
+    return merged
 
 
 def iter_batches(dataset: ImageDataset, batch_size: int, workers: int, loader: Loader,

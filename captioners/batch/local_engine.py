@@ -16,9 +16,10 @@ import torch
 
 from captioners.base import Captioner
 from captioners.batch.discovery import Planned
+from captioners.batch.gpu_decode import EncodedJpeg, GpuJpegStage, gpu_decode_device
 from captioners.batch.job import BatchJob
 from captioners.batch.judged import RunJudgement
-from captioners.batch.loading import ImageDataset, collate, iter_batches
+from captioners.batch.loading import ImageDataset, collate, iter_batches, with_gpu_jpegs
 from captioners.batch.report import StageTimes
 from captioners.batch.sizing import AUTO, auto_batch_size
 from captioners.batch.steps import CaptionStep, Pixels, PreprocessStep
@@ -44,10 +45,12 @@ class LocalEngine:
         judge = judgement.start()
         first = captioners[0]
         step = CaptionStep(judge, model_id, key)
-        preprocess = PreprocessStep(judge.preprocessor(), first.image_size if job.fast_decode else None)
+        min_side, function = first.image_size if job.fast_decode else None, judge.preprocessor()
+        gpu_jpegs = self._gpu_jpeg_stage(job, judge, first.device, PreprocessStep(function, min_side))
+        preprocess = PreprocessStep(function, min_side, gpu_jpegs=gpu_jpegs is not None)
         dataset = ImageDataset([item.image for item in todo], preprocess)
         pin = first.device is not None and first.device.type == "cuda"
-        batch_size = self._batch_size(job, first, step, dataset)
+        batch_size = self._batch_size(job, first, step, dataset, gpu_jpegs)
         self.times = times = StageTimes(batch_size=batch_size)
         batches = iter_batches(dataset, batch_size, job.workers, job.loader, pin_memory=pin)
         try:
@@ -57,22 +60,33 @@ class LocalEngine:
                 times.waiting_s += time.perf_counter() - started
                 if batch is None:
                     break
+                started = time.perf_counter()
+                if gpu_jpegs is not None:  # GPU work: counted as captioning
+                    batch = with_gpu_jpegs(batch, gpu_jpegs)
                 outcomes: list[Outcome] = list(batch.failed)
                 if batch.pixels is not None:
-                    started = time.perf_counter()
                     results = step.caption(batch.pixels)
-                    times.captioning_s += time.perf_counter() - started
                     if isinstance(results, str):
                         outcomes += [(index, results) for index in batch.indices]
                     else:
                         outcomes += list(zip(batch.indices, results))
+                times.captioning_s += time.perf_counter() - started
                 times.batches += 1
                 yield outcomes
         finally:
             batches.close()
 
     @staticmethod
-    def _batch_size(job: BatchJob, captioner: Captioner, step: CaptionStep, dataset: ImageDataset) -> int:
+    def _gpu_jpeg_stage(job: BatchJob, judge, device: torch.device | None,
+                        cpu_step: PreprocessStep) -> GpuJpegStage | None:
+        """With ``gpu_decode`` on a CUDA GPU: the stage that decodes the batches' JPEGs there."""
+        tensor_preprocess = judge.tensor_preprocessor() if job.gpu_decode else None
+        jpeg_device = gpu_decode_device(job.gpu_decode, device, tensor_preprocess)
+        return GpuJpegStage(tensor_preprocess, jpeg_device, cpu_step) if jpeg_device is not None else None
+
+    @staticmethod
+    def _batch_size(job: BatchJob, captioner: Captioner, step: CaptionStep, dataset: ImageDataset,
+                    gpu_jpegs: GpuJpegStage | None = None) -> int:
         """``job.batch_size``, or for ``auto`` the largest batch of copies of one of the run's
         images that the model captions without running out of memory (see sizing.py)."""
         if job.batch_size != AUTO:
@@ -80,7 +94,9 @@ class LocalEngine:
         @functools.lru_cache(maxsize=1)
         def sample() -> Pixels | None:  # decoded once, and only when a GPU is probed
             candidates = (dataset[i][1] for i in range(min(PROBE_IMAGES, len(dataset))))
-            return next((x for x in candidates if not isinstance(x, str)), None)
+            candidates = (gpu_jpegs.pixels_of([x])[0] if isinstance(x, EncodedJpeg) and gpu_jpegs else x
+                          for x in candidates)
+            return next((x for x in candidates if not isinstance(x, (str, EncodedJpeg))), None)
 
         def run(size: int) -> None:
             if sample() is not None:  # else the first images do not decode: the run reports them

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from captioners.base import Captioner
+from captioners.batch.gpu_decode import EncodedJpeg, gpu_jpeg
 from captioners.batch.job import BatchJob
 from captioners.batch.remote import RemoteFile, exception_text, read_remote
 from captioners.display import display_path, json_bytes
@@ -46,17 +47,24 @@ class PreprocessStep:
     ``preprocess`` is the Judge's (picklable: open_clip / BLIP transforms), so it runs in threads,
     worker processes or remote CPU tasks alike. A remote file's bytes are read here, in the worker."""
 
-    def __init__(self, preprocess: Callable[[Image.Image], Pixels], min_side: int | None = None):
+    def __init__(self, preprocess: Callable[[Image.Image], Pixels], min_side: int | None = None,
+                 gpu_jpegs: bool = False):
         self.preprocess = preprocess
         self.min_side = min_side  # set: JPEGs are decoded at reduced size (draft mode)
+        self.gpu_jpegs = gpu_jpegs  # set: JPEGs the GPU can decode come back as their bytes (gpu_decode.py)
 
-    def __call__(self, source: Path | str | bytes | RemoteFile, name: str | None = None) -> Pixels | str:
+    def __call__(self, source: Path | str | bytes | RemoteFile,
+                 name: str | None = None) -> Pixels | EncodedJpeg | str:
         if isinstance(source, RemoteFile):
             try:
                 source, name = read_remote(source), "the object"
             except OSError as exc:  # gone since listing, access denied: this image fails, the run goes on
                 return f"cannot read it: {exception_text(exc)}"
         path = Path(source) if not isinstance(source, bytes) else None
+        if self.gpu_jpegs:
+            jpeg = self._gpu_jpeg(source, path, name)
+            if jpeg is not None:
+                return jpeg
         try:
             if path is None:  # bytes from object storage: no path to open, no draft decoding
                 return self.preprocess(EncodedImage(source, name or "image").decode())
@@ -68,6 +76,18 @@ class PreprocessStep:
             return "not enough memory to decode this image"
         except Exception as exc:  # a preprocessing failure must not end a long run
             return f"preprocessing failed: {type(exc).__name__}: {exc}"
+
+
+    @staticmethod
+    def _gpu_jpeg(source: Path | str | bytes, path: Path | None, name: str | None) -> EncodedJpeg | None:
+        """The image's bytes when the GPU can decode it; None sends it down the CPU path, which also
+        gives the reason when it cannot be read at all."""
+        try:
+            if path is None:
+                return gpu_jpeg(source, name or "image")
+            return gpu_jpeg(path, display_path(path))
+        except Exception:  # unreadable, not an image, a decompression bomb: the CPU path says which
+            return None
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,9 @@ from captioners.base import Candidates, Captioner, ModelSpec
 from captioners.blip_decoder import DecodeSettings, Sampling, check_text_decoder, decode_captions
 from captioners.errors import CaptionerError, CheckpointLayoutError
 from captioners.options import DecodingOptions
+from captioners.tensor_preprocess import TensorPreprocess
 from captioners.text import HUB_ID
+from captioners.vit_encoder import OwnBlipVisionForward, blip_unsupported_reason
 from captioners.weights import Asset, ensure_asset, load_state_dict, quiet_model_building
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,9 @@ LEGACY_KEYS = ("text_decoder.bert.embeddings.position_ids",)
 TIED = ("text_decoder.cls.predictions.decoder.weight", "text_decoder.bert.embeddings.word_embeddings.weight")
 
 
-CPU_VISION_CHUNK = 1  # images per vision-tower call on a CPU (see FuseCapCaptioner.encode_images)
+# Images per vision-tower call on a CPU: with our forward, 1, 4 and 8 at a time ran within 3% of each
+# other (bench_encoder.py --arch blip-vit-b16-384), so one at a time, the least memory.
+CPU_VISION_CHUNK = 1
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,19 @@ class BlipPixels:
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
+def blip_tensor_preprocess(processor: Any) -> TensorPreprocess | None:
+    """BlipImageProcessor's steps (RGB, resize to a fixed size with PIL's bicubic, rescale by 1/255,
+    normalize) as tensor operations, or None for settings it does not cover."""
+    size = {key: (processor.size.get(key) if isinstance(processor.size, dict) else getattr(processor.size, key, None))
+            for key in ("height", "width")}
+    bicubic = int(getattr(processor, "resample", 3)) == 3  # PIL.Image.BICUBIC
+    if not (processor.do_resize and size.get("height") and size.get("width") and bicubic and processor.do_rescale
+            and abs(processor.rescale_factor - 1 / 255) < 1e-9 and processor.do_normalize):
+        return None
+    return TensorPreprocess((int(size["height"]), int(size["width"])), tuple(processor.image_mean),
+                            tuple(processor.image_std))
+
+
 class FuseCapCaptioner(Captioner):
     family = FAMILY
     override_keys = ("weights",)
@@ -98,6 +115,7 @@ class FuseCapCaptioner(Captioner):
         super().__init__(spec, models_dir)
         self.model: Any = None
         self.processor: Any = None
+        self.own_vision: OwnBlipVisionForward | None = None  # our forward of the vision tower (CPU)
 
     @classmethod
     def assets(cls, spec: ModelSpec) -> list[Asset]:
@@ -160,6 +178,8 @@ class FuseCapCaptioner(Captioner):
         except ValueError as exc:
             raise CheckpointLayoutError(f"{folder}: {exc}") from exc
         self.model = model.eval().requires_grad_(False).to(device=device, dtype=dtype)
+        vision = self.model.vision_model
+        self.own_vision = OwnBlipVisionForward(vision) if blip_unsupported_reason(vision) is None else None
         try:
             # The fast tokenizer drops BLIP's [DEC] id, which is outside the BERT vocabulary.
             self.processor = BlipProcessor.from_pretrained(str(folder))
@@ -169,13 +189,16 @@ class FuseCapCaptioner(Captioner):
             log.warning("No fast tokenizer for %s: captions may start with [UNK] (install 'tokenizers').", folder)
 
     def _release(self) -> None:
-        self.model = self.processor = None
+        self.model = self.processor = self.own_vision = None
 
     def _move(self, device: torch.device) -> None:
         self.model.to(device)
 
     def _preprocessor(self) -> Callable[[Image.Image], torch.Tensor]:
         return BlipPixels(self.processor.image_processor)
+
+    def _tensor_preprocessor(self) -> TensorPreprocess | None:
+        return blip_tensor_preprocess(self.processor.image_processor)
 
     def caption_pixels(self, pixels: torch.Tensor, options: DecodingOptions) -> list[str]:
         return [group[0] for group in self._generate(pixels, options, 1, options.strategy or "beam")]
@@ -224,14 +247,14 @@ class FuseCapCaptioner(Captioner):
                               repetition_penalty=options.repetition_penalty or None, sampling=sampling)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The vision tower's output tokens, one image at a time on a CPU.
-
-        ViT-B/16 at 384 px is compute-bound there: eight images at once take ~25% longer than
-        two at a time (its 577-token attention no longer fits the caches), and two ~10% longer than
-        one (bench_fusecap_sbg's model, 2 threads). GPUs take the whole batch.
-        """
-        chunk = CPU_VISION_CHUNK if pixels.device.type == "cpu" else pixels.shape[0]
-        return torch.cat([self.model.vision_model(pixel_values=part)[0] for part in pixels.split(chunk)])
+        """The vision tower's output tokens: on a CPU through our own forward (captioners/vit_encoder.py,
+        the same tokens to fp32 rounding), ``CPU_VISION_CHUNK`` images at a time; GPUs take the whole
+        batch through transformers' forward."""
+        vision = self.model.vision_model
+        if pixels.device.type != "cpu":
+            return vision(pixel_values=pixels)[0]
+        encode = self.own_vision or (lambda part: vision(pixel_values=part)[0])
+        return torch.cat([encode(part) for part in pixels.split(CPU_VISION_CHUNK)])
 
 
 WORD_END = re.compile(r"\S*\Z")  # the (maybe empty) word that a string ends with

@@ -37,6 +37,7 @@ from captioners.judging.gates import Flag, check_caption, low_score_flag, low_sc
 from captioners.judging.options import JudgingOptions, OnFlag
 from captioners.judging.scoring import DEFAULT_SCORE_CLIP, ScoringClip, parse_score_clip, score_groups
 from captioners.options import DecodingOptions
+from captioners.tensor_preprocess import from_transforms
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,15 @@ class Judge:
         functions = [captioner.preprocessor() for captioner in self.captioners]
         if self.scorer is not None:
             functions.append(self.scorer.preprocessor())
-        return functions[0] if len(functions) == 1 else MultiPreprocess(functions)
+        return _one_or_all(functions)
+
+    def tensor_preprocessor(self) -> Callable[[torch.Tensor], Any] | None:
+        """The same as :meth:`preprocessor` on a decoded uint8 image tensor (GPU JPEG decoding), or
+        None when one of the models has no tensor version of its preprocessing."""
+        functions = [captioner.tensor_preprocessor() for captioner in self.captioners]
+        if self.scorer is not None:
+            functions.append(from_transforms(self.scorer.preprocessor()))
+        return None if None in functions else _one_or_all(functions)
 
     @property
     def model_ids(self) -> list[str]:
@@ -285,6 +294,11 @@ def _better(new_score: float | None, new_flags: list[Flag], old_score: float | N
     if new_score is not None and old_score is not None and new_score != old_score:
         return new_score > old_score
     return len(new_flags) < len(old_flags)
+
+
+def _one_or_all(functions: list[Callable]) -> Callable:
+    """The one model's preprocessing, or all of them making a tuple per image."""
+    return functions[0] if len(functions) == 1 else MultiPreprocess(functions)
 
 
 class MultiPreprocess:
