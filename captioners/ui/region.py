@@ -8,6 +8,7 @@ x, y, w, h fields give a box instead and work with every gradio version. The cro
 from __future__ import annotations
 
 from functools import partial
+from string import Template
 from typing import Any
 
 import gradio as gr
@@ -25,8 +26,10 @@ NO_IMAGE = "Upload an image first."
 # its brush radius is compat.mask_editor_image's matter). When the accordion is clicked open on such
 # an editor (its drawing canvas blank), the page clicks this hidden button, which gives the editor
 # the image again, now visible.
-REDRAW_ID = "captioners_region_redraw"
-REDRAW_ON_OPEN = """() => {
+REGION_ID = "captioners_region"
+MASK_ID = f"{REGION_ID}_mask"  # RegionControls' brush (its prefix + "_mask")
+REDRAW_ID = f"{REGION_ID}_redraw"
+_REDRAW_ON_OPEN = Template("""() => {
   if (window.captioners_region_redraw_installed) return [];
   window.captioners_region_redraw_installed = true;
   const root = () => { const app = document.querySelector("gradio-app"); return (app && app.shadowRoot) || document; };
@@ -38,18 +41,19 @@ REDRAW_ON_OPEN = """() => {
   };
   document.addEventListener("click", (event) => {
     const path = event.composedPath ? event.composedPath() : [event.target];
-    if (!path.some((el) => el.id === "captioners_region") || path.some((el) => el.id === "captioners_region_mask")) return;
+    if (!path.some((el) => el.id === "$region") || path.some((el) => el.id === "$mask")) return;
     setTimeout(() => {
-      const editor = root().querySelector("#captioners_region_mask");
+      const editor = root().querySelector("#$mask");
       const drawing = editor && editor.querySelector("canvas[key=drawing]");
       const shown = editor && editor.querySelector("img[src]");
       if (!drawing || !shown || drawing.offsetParent === null || !drawing.width || !blank(drawing)) return;
-      const button = root().querySelector("#captioners_region_redraw");
+      const button = root().querySelector("#$redraw");
       if (button) button.click();
     }, 300);
   }, true);
   return [];
-}"""
+}""")
+REDRAW_ON_OPEN = _REDRAW_ON_OPEN.substitute(region=REGION_ID, mask=MASK_ID, redraw=REDRAW_ID)
 
 
 class RegionControls:
@@ -136,8 +140,8 @@ def region_section(service: CaptionService, image: Any, dropdown: Any, fields: l
                    ) -> RegionControls:
     """The Region accordion; ``fields``: the judging then decoding controls (as for caption_image).
     Returns its controls: the tab's follow-the-Settings handler updates the outside mode and margin."""
-    with gr.Accordion("Region: caption part of the image", open=False, elem_id="captioners_region"):
-        region = RegionControls("captioners_region", service.settings().region)
+    with gr.Accordion("Region: caption part of the image", open=False, elem_id=REGION_ID):
+        region = RegionControls(REGION_ID, service.settings().region)
     # The brush paints on a copy of the uploaded image.
     image.change(mask_editor_image, inputs=[image], outputs=[region.editor], **show_progress(False))
     if GRADIO_MAJOR < 4:
