@@ -17,6 +17,7 @@ loader / waiting + captioning + writing). Models have random weights, built once
 from __future__ import annotations
 
 import argparse
+import itertools
 import shutil
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from captioners.images import load_image  # noqa: E402
 from captioners.registry import create_captioner  # noqa: E402
 
 ENCODERS = {"tiny": "tiny CLIP", "clip-prefix": "ViT-L-14", "fusecap": "BLIP ViT-B/16 384px"}
+GRAPHED = ("tiny", "clip-prefix")  # families whose GPT-2 steps --cuda-graphs replays
 
 
 def model_files(family: str, cache: Path, stop_scale: float) -> tuple[str, dict[str, str]]:
@@ -56,11 +58,11 @@ def batch_size(text: str) -> int | str:
 
 
 def sidecars(captioner, images: list[Path], out: Path, size: int | str, workers: int | str, fast: bool,
-             gpu_decode: bool = False):
+             gpu_decode: bool = False, cuda_graphs: bool = False):
     """One whole folder -> sidecars run; its summary."""
     shutil.rmtree(out, ignore_errors=True)
     job = BatchJob(inputs=[str(p) for p in images], output_dir=str(out), batch_size=size, workers=workers,
-                   fast_decode=fast, gpu_decode=gpu_decode)
+                   fast_decode=fast, gpu_decode=gpu_decode, cuda_graphs=cuda_graphs)
     summary = run_batch(captioner, job)
     assert summary.captioned == len(images) and not summary.failed, summary.failed[:3]
     return summary
@@ -78,21 +80,22 @@ def bench_family(family: str, args, images: list[Path], work: Path) -> None:
     env = environment(captioner.device, captioner.dtype)
     workers = auto_workers() if args.workers == AUTO else args.workers
     print(f"\n{family}: {len(images)} images -> sidecars, {env['device']} {env['dtype']}, {workers} decoding workers")
-    print(f"{'JPEGs':>5} {'batch':>7} {'images/s':>9} {'data wait':>10} {'waiting s':>10} {'captioning s':>13} "
-          f"{'writing s':>10}")
+    print(f"{'JPEGs':>5} {'graphs':>6} {'batch':>7} {'images/s':>9} {'data wait':>10} {'waiting s':>10} "
+          f"{'captioning s':>13} {'writing s':>10}")
     rows = []
-    for size in args.batch_size:
-        for decode in args.decode:
-            summary = sidecars(captioner, images, work / f"{family}-{size}-{decode}", size, args.workers,
-                               args.fast_decode, gpu_decode=decode == "gpu")
-            stages = summary.stages
-            print(f"{decode:>5} {stages['batch_size']:>7} {summary.images_per_s:>9.2f} {stages['data_wait']:>9.1%} "
-                  f"{stages['waiting_s']:>10.2f} {stages['captioning_s']:>13.2f} {stages['writing_s']:>10.2f}")
-            rows.append({**env, "batch": stages["batch_size"], "images": len(images),
-                         "measure": f"{family} folder -> sidecars, JPEGs decoded on the {decode.upper()}"
-                                    + (" (batch auto)" if size == AUTO else ""),
-                         "images_per_s": round(summary.images_per_s, 3), "data_wait": round(stages["data_wait"], 4),
-                         **encoder.columns(), "note": f"workers {workers}, fast decode {args.fast_decode}"})
+    graphs = args.graphs if family in GRAPHED else ["off"]  # FuseCap's BLIP decoder takes no CUDA graphs
+    for size, decode, graph in itertools.product(args.batch_size, args.decode, graphs):
+        summary = sidecars(captioner, images, work / f"{family}-{size}-{decode}-{graph}", size, args.workers,
+                           args.fast_decode, gpu_decode=decode == "gpu", cuda_graphs=graph == "on")
+        stages = summary.stages
+        print(f"{decode:>5} {graph:>6} {stages['batch_size']:>7} {summary.images_per_s:>9.2f} "
+              f"{stages['data_wait']:>9.1%} {stages['waiting_s']:>10.2f} {stages['captioning_s']:>13.2f} "
+              f"{stages['writing_s']:>10.2f}")
+        rows.append({**env, "batch": stages["batch_size"], "images": len(images),
+                     "measure": f"{family} folder -> sidecars, JPEGs decoded on the {decode.upper()}"
+                                + (", CUDA graphs" if graph == "on" else "") + (" (batch auto)" if size == AUTO else ""),
+                     "images_per_s": round(summary.images_per_s, 3), "data_wait": round(stages["data_wait"], 4),
+                     **encoder.columns(), "note": f"workers {workers}, fast decode {args.fast_decode}"})
     print(encoder.line())
     append_rows("bench_sidecars", rows, args.results)
     captioner.unload()
@@ -110,6 +113,9 @@ def main() -> None:
     parser.add_argument("--decode", nargs="+", choices=("cpu", "gpu"), default=["cpu"],
                         help="where JPEGs are decoded: the workers (cpu) or the GPU (gpu: --gpu-decode; "
                              "without a CUDA GPU it falls back to the CPU); both: side by side")
+    parser.add_argument("--graphs", nargs="+", choices=("off", "on"), default=["off"],
+                        help="clip-prefix: decoding steps as usual (off) or replayed as CUDA graphs (on: "
+                             "--cuda-graphs; CUDA only)")
     parser.add_argument("--encoder-batch", type=int, default=64, help="batch of the encoder GFLOP/s measure")
     parser.add_argument("--stop-scale", type=float, default=4.0, help="clip-prefix: as bench_batch.py")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "captioners-bench-batch"),

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: folder -> caption sidecars for CLIP-prefix (ViT-L-14 + GPT-2) and
 # FuseCap (BLIP-base) at fp16, batch 64 and 256, through the batch engine, with JPEGs decoded by the
-# CPU workers and by the GPU (--gpu-decode) side by side. Prints images/s, the fraction of time the
+# CPU workers and by the GPU (--gpu-decode) side by side, and CLIP-prefix's decoding steps as usual and
+# replayed as CUDA graphs (--cuda-graphs). Prints images/s, the fraction of time the
 # GPU waited for decoded images, and each image encoder's GFLOP/s against a matmul of its shapes;
 # appends the rows to bench/results/bench_sidecars.csv.
 #
@@ -21,4 +22,4 @@ if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() el
 fi
 "$PYTHON" -c "import torch; print('GPU:', torch.cuda.get_device_name(0), '| torch', torch.__version__)"
 exec "$PYTHON" bench/bench_sidecars.py --family clip-prefix fusecap --device cuda --dtype fp16 \
-    --batch-size 64 256 --decode cpu gpu "$@"
+    --batch-size 64 256 --decode cpu gpu --graphs off on "$@"

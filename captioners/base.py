@@ -84,6 +84,9 @@ class Captioner(ABC):
         self.models_dir = models_dir
         self.device: torch.device | None = None
         self.dtype: torch.dtype | None = None
+        # --cuda-graphs, set by the batch engine for its run: greedy and sampled GPT-2 decoding in
+        # same-shaped steps replayed as CUDA graphs (gpt2_decoder.StaticSteps); the same tokens.
+        self.cuda_graphs = False
 
     # ---- hooks for subclasses -------------------------------------------------------------
     @classmethod
@@ -168,6 +171,10 @@ class Captioner(ABC):
         if not self.loaded:
             raise CaptionerError(f"Load {self.spec.id} before asking for its preprocessing.")
         return self._tensor_preprocessor()
+
+    def static_decoding(self, on: torch.Tensor) -> bool:
+        """Whether decoding on ``on``'s device takes static steps (``cuda_graphs``, CUDA only)."""
+        return self.cuda_graphs and on.device.type == "cuda"
 
     @property
     def loaded(self) -> bool:

@@ -12,17 +12,21 @@ capacity = prefix length + the number of tokens that will be fed later. Every ro
 next key/value at the same cache index (``KVCache.length``); rows whose prompts are shorter are
 left-padded, and ``KVCache.valid`` masks their padding. Finished rows leave, and beams or guidance
 twins are repeated, with :meth:`KVCache.select` (``index_select`` over the rows).
+
+:class:`StaticSteps` is the same step for CUDA graphs: the rows stay, the cache index lives on the
+device, and attention runs over the whole buffer with the unwritten part masked.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.nn import functional as F
 
+from captioners.cuda_graphs import GraphedCall
 from captioners.errors import CaptionerError
 
 
@@ -130,21 +134,30 @@ class GPT2Decoder:
         cache.positions = cache.positions + 1
         return logits
 
-    def _forward(self, hidden: torch.Tensor, cache: KVCache, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    def _forward(self, hidden: torch.Tensor, cache: KVCache, mask: torch.Tensor | None, causal: bool,
+                 at: torch.Tensor | None = None) -> torch.Tensor:
+        """The blocks and the LM head. ``at`` (static steps): the (1,) cache index to write, on the
+        device; attention then spans the whole buffer and ``cache.length`` is left alone."""
         for index, block in enumerate(self.transformer.h):
-            hidden = self._block(index, block, hidden, cache, mask, causal)
-        cache.length += hidden.shape[1]
+            hidden = self._block(index, block, hidden, cache, mask, causal, at)
+        if at is None:
+            cache.length += hidden.shape[1]
         # Only the last position's logits are needed: the LM head is the largest matmul of a step.
         return self.lm_head(self.transformer.ln_f(hidden[:, -1])).float()
 
     def _block(self, index: int, block: Any, hidden: torch.Tensor, cache: KVCache, mask: torch.Tensor | None,
-               causal: bool) -> torch.Tensor:
-        start, end = cache.length, cache.length + hidden.shape[1]
+               causal: bool, at: torch.Tensor | None) -> torch.Tensor:
         query, key, value = block.attn.c_attn(block.ln_1(hidden)).split(self.width, dim=2)
-        cache.keys[index][:, :, start:end] = self._split_heads(key)
-        cache.values[index][:, :, start:end] = self._split_heads(value)
-        attended = self._attend(index, self._split_heads(query), cache.keys[index][:, :, :end],
-                                cache.values[index][:, :, :end], mask, causal)
+        keys, values = cache.keys[index], cache.values[index]
+        if at is None:
+            start, end = cache.length, cache.length + hidden.shape[1]
+            keys[:, :, start:end] = self._split_heads(key)
+            values[:, :, start:end] = self._split_heads(value)
+            keys, values = keys[:, :, :end], values[:, :, :end]
+        else:
+            keys.index_copy_(2, at, self._split_heads(key))
+            values.index_copy_(2, at, self._split_heads(value))
+        attended = self._attend(index, self._split_heads(query), keys, values, mask, causal)
         hidden = block.attn.c_proj(attended) + hidden
         return block.mlp.c_proj(block.mlp.act(block.mlp.c_fc(block.ln_2(hidden)))) + hidden
 
@@ -163,6 +176,54 @@ class GPT2Decoder:
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         rows, length, _ = x.shape
         return x.view(rows, length, self.heads, self.head_dim).transpose(1, 2)
+
+
+class StaticSteps:
+    """Single-token steps over a fixed set of rows, whose every input and piece of state is a tensor
+    on the device: nothing is read back to the host and no shape changes from step to step, so on
+    CUDA the step is recorded once as a CUDA graph and replayed (``--cuda-graphs``); elsewhere it
+    runs as it is (what the tests compare with :meth:`GPT2Decoder.step`).
+
+    The cache index and the positions advance inside the step; the keys and values are written at
+    the index with ``index_copy_`` and every step attends over the whole buffer, its unwritten part
+    (and any row's left padding) masked. The cache belongs to this object from then on (no
+    ``select``: finished rows stay and are ignored).
+    """
+
+    def __init__(self, decoder: GPT2Decoder, cache: KVCache,
+                 graphed: Callable[[Callable[[], torch.Tensor]], Callable[[], torch.Tensor]] | None = None):
+        device = cache.positions.device
+        self.decoder, self.cache = decoder, cache
+        for buffer in cache.keys + cache.values:  # masked, but a masked NaN still gives 0 * NaN = NaN
+            buffer[:, :, cache.length:].zero_()
+        self.tokens = torch.zeros(cache.rows, dtype=torch.long, device=device)
+        self.length = torch.tensor([cache.length], device=device)
+        self.positions = cache.positions.clone()
+        self.valid = cache.valid if cache.valid is not None else \
+            torch.ones(cache.rows, cache.capacity, dtype=torch.bool, device=device)
+        self.slots = torch.arange(cache.capacity, device=device)
+        self.room = cache.capacity - cache.length
+        if graphed is None:
+            graphed = GraphedCall if device.type == "cuda" else (lambda step: step)
+        self.run = graphed(self._step)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row, (rows,); returns the float32 logits of the next, (rows, vocab),
+        in a buffer that the next call overwrites."""
+        if self.room <= 0:
+            raise ValueError(f"the KV cache is full ({self.cache.capacity} positions)")
+        self.room -= 1
+        self.tokens.copy_(tokens)
+        return self.run()
+
+    def _step(self) -> torch.Tensor:
+        transformer = self.decoder.transformer
+        hidden = transformer.wte(self.tokens) + transformer.wpe(self.positions)
+        mask = (self.valid & (self.slots <= self.length))[:, None, None]
+        logits = self.decoder._forward(hidden[:, None], self.cache, mask, causal=False, at=self.length)
+        self.positions += 1
+        self.length += 1
+        return logits
 
 
 def _query_scale(config: Any, head_dim: int, layer: int) -> float:

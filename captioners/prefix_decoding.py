@@ -8,6 +8,10 @@ images whose captions are finished leave the batch. The chosen tokens are the sa
 SBG's token prompts decode through the same loop (:func:`decode_prompts`). The forward passes
 are :mod:`captioners.gpt2_decoder`'s (the model's own modules, our own KV cache), so decoding does
 not depend on the cache API of the installed transformers.
+
+``static=True`` (greedy and sampled decoding, ``--cuda-graphs``): finished rows stay in the batch
+instead of leaving it and every step has the same shapes, so on CUDA it replays as a CUDA graph
+(:class:`captioners.gpt2_decoder.StaticSteps`); the chosen tokens are the same.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from captioners.gpt2_decoder import GPT2Decoder, KVCache
+from captioners.gpt2_decoder import GPT2Decoder, KVCache, StaticSteps
 from captioners.sampling import repetition_penalised, row_generators, sample_from_logits
 
 
@@ -35,13 +39,16 @@ class PrefixRows:
     exactly as before (G = 0 never builds the twins, so its tokens cannot change).
     """
 
-    def __init__(self, gpt: Any, guidance: float = 0.0, null_prefix: torch.Tensor | None = None):
+    def __init__(self, gpt: Any, guidance: float = 0.0, null_prefix: torch.Tensor | None = None,
+                 static: bool = False):
         if guidance and null_prefix is None:
             raise ValueError("guidance needs a null prefix")
         self.decoder = GPT2Decoder(gpt)
         self.guidance, self.null_prefix = float(guidance or 0.0), null_prefix
         self.cache: KVCache | None = None
         self.rows = 0
+        self.static = static  # steps through StaticSteps: the rows never change once stepping began
+        self.static_steps: StaticSteps | None = None
 
     def start(self, prefix: torch.Tensor, room: int, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Run the (rows, length, width) prefix, leaving cache room for ``room`` steps.
@@ -63,10 +70,16 @@ class PrefixRows:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """(rows,) new tokens -> (rows, vocab) scores of the token after them."""
         ids = torch.cat((tokens, tokens)) if self.guidance else tokens
-        return self._combined(self.decoder.step(self.cache, ids))
+        if not self.static:
+            return self._combined(self.decoder.step(self.cache, ids))
+        if self.static_steps is None:
+            self.static_steps = StaticSteps(self.decoder, self.cache)
+        return self._combined(self.static_steps(ids))
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep (or repeat) the rows given by ``index``; their null twins follow them."""
+        if self.static_steps is not None:
+            raise ValueError("the rows of static steps cannot change")
         rows = index.shape[0]
         if self.guidance:
             index = torch.cat((index, index + self.rows))
@@ -126,13 +139,15 @@ class RepetitionPenalty:
 
 @torch.inference_mode()
 def decode_tokens(gpt: torch.nn.Module, prefix: torch.Tensor, stop_token: int, steps: int,
-                  choose: Chooser, guidance: float = 0.0, null_prefix: torch.Tensor | None = None) -> list[list[int]]:
+                  choose: Chooser, guidance: float = 0.0, null_prefix: torch.Tensor | None = None,
+                  static: bool = False) -> list[list[int]]:
     """Token-by-token decoding (greedy or sampled); each caption ends after ``stop_token``.
-    ``guidance``: see :class:`PrefixRows` (the chooser then sees guided log-probs)."""
+    ``guidance``: see :class:`PrefixRows` (the chooser then sees guided log-probs).
+    ``static``: same-shaped steps, CUDA graphs on CUDA (see the module's docstring)."""
     batch = prefix.shape[0]
     if steps <= 0:
         return [[] for _ in range(batch)]
-    model = PrefixRows(gpt, guidance, null_prefix)
+    model = PrefixRows(gpt, guidance, null_prefix, static)
     logits = model.start(prefix, steps - 1)  # the last token chosen is never fed back
     limits = torch.full((batch,), steps, device=prefix.device)
     return _token_loop(model, logits, stop_token, limits, choose)
@@ -140,7 +155,7 @@ def decode_tokens(gpt: torch.nn.Module, prefix: torch.Tensor, stop_token: int, s
 
 @torch.inference_mode()
 def decode_prompts(gpt: Any, prompts: Sequence[Sequence[int]], count: int, stop_token: int, limits: Sequence[int],
-                   choose: Chooser, repetition_penalty: float | None = None) -> list[list[int]]:
+                   choose: Chooser, repetition_penalty: float | None = None, static: bool = False) -> list[list[int]]:
     """``count`` continuations of every token prompt, prompt-major (rows p * count ... p * count + count - 1
     continue prompt p); a row ends after ``stop_token`` or after ``limits[p]`` new tokens.
 
@@ -157,7 +172,7 @@ def decode_prompts(gpt: Any, prompts: Sequence[Sequence[int]], count: int, stop_
     # The padding id is never attended to (valid is False there); 0 is just a valid index.
     ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], device=device)
     valid = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=device)
-    model = PrefixRows(gpt)
+    model = PrefixRows(gpt, static=static)
     logits = model.start(wte(ids), max(limits) - 1, valid)
     repeat = torch.arange(len(prompts), device=device).repeat_interleave(count)
     model.keep(repeat)
@@ -179,18 +194,28 @@ def _seen_tokens(ids: torch.Tensor, valid: torch.Tensor, vocab: int) -> torch.Te
 def _token_loop(model: PrefixRows, logits: torch.Tensor, stop_token: int, limits: torch.Tensor, choose: Chooser,
                 penalty: RepetitionPenalty | None = None) -> list[list[int]]:
     """Choose a token per active row until each row chose ``stop_token`` or ``limits[row]`` tokens;
-    finished rows leave the batch (and the cache)."""
+    finished rows leave the batch (and the cache), or with static steps stay and are ignored."""
     batch = logits.shape[0]
     results: list[list[int]] = [[] for _ in range(batch)]
     rows = torch.arange(batch, device=logits.device)
     tokens = torch.empty(batch, 0, dtype=torch.long, device=logits.device)
+    running = torch.ones(batch, dtype=torch.bool, device=logits.device)  # static steps: rows not finished
     for step in range(int(limits.max())):
         next_tokens = choose(logits if penalty is None else penalty(logits), rows)
         tokens = torch.cat((tokens, next_tokens[:, None]), dim=1)
         if penalty is not None:
             penalty.add(next_tokens)
         done = (next_tokens == stop_token) | (limits <= step + 1)
-        if bool(done.any()):
+        if model.static:
+            done &= running
+            if bool(done.any()):
+                finished = done.nonzero().flatten()
+                for row, row_tokens in zip(finished.tolist(), tokens[finished].tolist()):
+                    results[row] = row_tokens
+                running &= ~done
+                if not bool(running.any()):
+                    break
+        elif bool(done.any()):
             finished = done.nonzero().flatten()  # one copy to the host for all finished rows, not one per row
             for row, row_tokens in zip(rows[finished].tolist(), tokens[finished].tolist()):
                 results[row] = row_tokens

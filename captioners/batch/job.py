@@ -76,6 +76,7 @@ class BatchJob:
     loader: Loader = Loader.THREADS
     fast_decode: bool = False        # JPEG draft decoding at reduced size (slightly different pixels)
     gpu_decode: bool = False         # local engine on CUDA: JPEGs decoded and preprocessed on the GPU (gpu_decode.py)
+    cuda_graphs: bool = False        # local engine on CUDA: greedy/sampled GPT-2 steps as CUDA graphs (cuda_graphs.py)
     jsonl: str | None = None         # combined outputs; None = off
     csv: str | None = None
     kohya_json: str | None = None
@@ -171,7 +172,7 @@ _JOB_TYPES: dict[str, Any] = {
     "inputs": "str_list", "recursive": "bool", "file_list": "opt_str", "output_dir": "opt_str",
     "extension": "str", "existing": ExistingPolicy, "separator": "str", "dedupe_tags": "bool",
     "backup": "bool", "dry_run": "bool", "shaping": "mapping", "batch_size": "int_or_auto", "workers": "int_or_auto",
-    "loader": Loader, "fast_decode": "bool", "gpu_decode": "bool", "jsonl": "opt_str", "csv": "opt_str", "kohya_json": "opt_str",
+    "loader": Loader, "fast_decode": "bool", "gpu_decode": "bool", "cuda_graphs": "bool", "jsonl": "opt_str", "csv": "opt_str", "kohya_json": "opt_str",
     "kohya_full_path": "bool", "report": "opt_str", "report_html": "opt_str", "decoding": "mapping",
     "judging": "mapping", "join": "bool",
 }

@@ -9,6 +9,7 @@ images, captioning), which the runner completes with its writing time.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from typing import Iterator, Sequence
 
@@ -26,6 +27,7 @@ from captioners.batch.steps import CaptionStep, Pixels, PreprocessStep
 from captioners.judging.judge import JudgedImage
 
 Outcome = tuple[int, JudgedImage | str]  # (position in the run's todo list, result or failure reason)
+log = logging.getLogger(__name__)
 PROBE_IMAGES = 8  # images tried for one that decodes, to probe the batch size with
 
 
@@ -50,7 +52,18 @@ class LocalEngine:
         preprocess = PreprocessStep(function, min_side, gpu_jpegs=gpu_jpegs is not None)
         dataset = ImageDataset([item.image for item in todo], preprocess)
         pin = first.device is not None and first.device.type == "cuda"
-        batch_size = self._batch_size(job, first, step, dataset, gpu_jpegs)
+        graphs_before = [each.cuda_graphs for each in captioners]
+        for each in captioners:  # for this run only: the captioners may be the WebUI's, shared
+            each.cuda_graphs = self._cuda_graphs(job, each)
+        try:
+            yield from self._batches(dataset, step, self._batch_size(job, first, step, dataset, gpu_jpegs),
+                                     job, pin, gpu_jpegs)
+        finally:
+            for each, before in zip(captioners, graphs_before):
+                each.cuda_graphs = before
+
+    def _batches(self, dataset: ImageDataset, step: CaptionStep, batch_size: int, job: BatchJob, pin: bool,
+                 gpu_jpegs: GpuJpegStage | None) -> Iterator[list[Outcome]]:
         self.times = times = StageTimes(batch_size=batch_size)
         batches = iter_batches(dataset, batch_size, job.workers, job.loader, pin_memory=pin)
         try:
@@ -75,6 +88,14 @@ class LocalEngine:
                 yield outcomes
         finally:
             batches.close()
+
+    @staticmethod
+    def _cuda_graphs(job: BatchJob, captioner: Captioner) -> bool:
+        if job.cuda_graphs and (captioner.device is None or captioner.device.type != "cuda"):
+            log.warning("--cuda-graphs needs a CUDA device; %s decodes on %s as usual.", captioner.spec.id,
+                        captioner.device)
+            return False
+        return job.cuda_graphs
 
     @staticmethod
     def _gpu_jpeg_stage(job: BatchJob, judge, device: torch.device | None,

@@ -199,6 +199,8 @@ def driver_preprocessing(captioners: Sequence[Captioner], job: BatchJob) -> tupl
     min_side = captioners[0].image_size if job.fast_decode else None
     if job.gpu_decode:
         log.warning("--gpu-decode applies to the local engine: the Ray engine's workers decode JPEGs on CPUs.")
+    if job.cuda_graphs:
+        log.warning("--cuda-graphs applies to the local engine: the Ray engine's workers decode step by step.")
     if not (job.report or job.report_html):  # the report's near-duplicates use the text encoder here
         for captioner in captioners:
             captioner.unload()

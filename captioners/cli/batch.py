@@ -86,6 +86,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     speed.add_argument("--gpu-decode", action="store_true",
                        help="on a CUDA GPU, decode JPEGs there (nvjpeg) and preprocess them there too; other "
                             "formats stay on the CPU (pixels differ slightly; local engine)")
+    speed.add_argument("--cuda-graphs", action="store_true",
+                       help="on a CUDA GPU, replay greedy and sampled GPT-2 decoding steps (CLIP-prefix, SBG) "
+                            "as CUDA graphs: fewer kernel launches, the same captions; beams decode as usual "
+                            "(local engine)")
 
     distributed = parser.add_argument_group("engine (Ray: pip install 'ray[data]'; see README 'More than one machine')")
     distributed.add_argument("--engine", choices=("local", "ray"), default="local",
@@ -148,7 +152,8 @@ def job_from_args(args: argparse.Namespace) -> BatchJob:
         "separator": args.separator, "dedupe_tags": args.dedupe_tags, "backup": args.backup,
         "dry_run": args.dry_run, "shaping": shaping, "batch_size": args.batch_size,
         "workers": 2 if args.workers is None or args.engine == "ray" else args.workers,
-        "loader": args.loader, "fast_decode": args.fast_decode, "gpu_decode": args.gpu_decode, "jsonl": args.jsonl, "csv": args.csv,
+        "loader": args.loader, "fast_decode": args.fast_decode, "gpu_decode": args.gpu_decode,
+        "cuda_graphs": args.cuda_graphs, "jsonl": args.jsonl, "csv": args.csv,
         "kohya_json": args.kohya_json, "kohya_full_path": args.kohya_full_path, "report": args.report,
         "report_html": args.report_html, "join": args.join,
         "judging": {"score": args.score, "score_clip": args.score_clip, "t5_max_tokens": args.t5_max_tokens,

@@ -236,7 +236,7 @@ class ClipPrefixCaptioner(Captioner):
             choose = sampling_chooser(options.temperature or 1.0, options.top_p or 1.0, options.top_k, options.seed,
                                       len(streams), streams)
             flat = decode_tokens(self.model.gpt, prefix.repeat_interleave(count, dim=0), self.stop_token, steps,
-                                 choose, **guidance)
+                                 choose, **guidance, static=self.static_decoding(prefix))
             groups = [flat[i:i + count] for i in range(0, len(flat), count)]
         texts = [[self._text(tokens, options) for tokens in group] for group in groups]
         return Candidates(texts, self._features(embeddings), self.clip)
@@ -271,7 +271,7 @@ class ClipPrefixCaptioner(Captioner):
                                       prefix.shape[0])
         else:
             choose = greedy_chooser()
-        return decode_tokens(gpt, prefix, self.stop_token, steps, choose, **guidance)
+        return decode_tokens(gpt, prefix, self.stop_token, steps, choose, **guidance, static=self.static_decoding(prefix))
 
 
 @torch.inference_mode()

@@ -230,7 +230,8 @@ class SbgCaptioner(Captioner):
             streams = [j for _ in prompts for j in range(count)]  # candidate j of every image: stream j
             choose = sampling_chooser(options.temperature or 1.0, options.top_p or 1.0, options.top_k, options.seed,
                                       len(streams), streams)
-        new_tokens = decode_prompts(self.gpt, encoded, count, eos, limits, choose, options.repetition_penalty)
+        new_tokens = decode_prompts(self.gpt, encoded, count, eos, limits, choose, options.repetition_penalty,
+                                    static=self.static_decoding(self.gpt.transformer.wte.weight))
         texts = []
         for row, new in enumerate(new_tokens):
             if eos in new:
