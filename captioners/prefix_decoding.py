@@ -208,24 +208,22 @@ def _token_loop(model: PrefixRows, logits: torch.Tensor, stop_token: int, limits
         done = (next_tokens == stop_token) | (limits <= step + 1)
         if model.static:
             done &= running
-            if bool(done.any()):
-                finished = done.nonzero().flatten()
-                for row, row_tokens in zip(finished.tolist(), tokens[finished].tolist()):
-                    results[row] = row_tokens
-                running &= ~done
-                if not bool(running.any()):
-                    break
-        elif bool(done.any()):
+        if bool(done.any()):
             finished = done.nonzero().flatten()  # one copy to the host for all finished rows, not one per row
             for row, row_tokens in zip(rows[finished].tolist(), tokens[finished].tolist()):
                 results[row] = row_tokens
-            keep = (~done).nonzero().flatten()
-            if keep.numel() == 0:
-                break
-            tokens, next_tokens, rows, limits = tokens[keep], next_tokens[keep], rows[keep], limits[keep]
-            model.keep(keep)
-            if penalty is not None:
-                penalty.keep(keep)
+            if model.static:
+                running &= ~done
+                if not bool(running.any()):
+                    break
+            else:
+                keep = (~done).nonzero().flatten()
+                if keep.numel() == 0:
+                    break
+                tokens, next_tokens, rows, limits = tokens[keep], next_tokens[keep], rows[keep], limits[keep]
+                model.keep(keep)
+                if penalty is not None:
+                    penalty.keep(keep)
         logits = model.step(next_tokens)
     return results
 

@@ -21,6 +21,7 @@ from captioners.batch.gpu_decode import EncodedJpeg, GpuJpegStage, decode_jpegs,
 from captioners.batch.loading import collate, with_gpu_jpegs
 from captioners.batch.steps import PreprocessStep
 from captioners.families.fusecap import BlipPixels, blip_tensor_preprocess
+from captioners.judging.judge import MultiPreprocess
 from captioners.tensor_preprocess import TensorPreprocess, from_transforms
 from tests.batch_corpus import make_corpus
 from tests.batch_helpers import copy_photos
@@ -113,9 +114,13 @@ def test_exif_orientation_is_applied_as_pillow_does(orientation):
     assert (got.int() - want.int()).abs().float().mean() < 2
 
 
-def test_a_mixed_batch_keeps_every_image_and_every_reason(photos, tmp_path):
-    """JPEGs decoded by the stage, a PNG by the workers, a JPEG the decoder rejects by the CPU path."""
-    preprocess = open_clip_preprocess()
+@pytest.mark.parametrize("models", [1, 2])
+def test_a_mixed_batch_keeps_every_image_and_every_reason(photos, tmp_path, models):
+    """JPEGs decoded by the stage, a PNG by the workers, a JPEG the decoder rejects by the CPU path;
+    with two models (a captioner and the scorer) every image has one input per model."""
+    one = open_clip_preprocess()
+    preprocess = one if models == 1 else MultiPreprocess([one, one])
+    tensor_preprocess = from_transforms(one) if models == 1 else MultiPreprocess([from_transforms(one)] * 2)
     scene = Image.open(photos[0]).convert("RGB")
     files = {"a.jpg": jpeg_bytes(scene), "b.jpg": jpeg_bytes(scene.rotate(90, expand=True))}
     png = io.BytesIO()
@@ -128,16 +133,19 @@ def test_a_mixed_batch_keeps_every_image_and_every_reason(photos, tmp_path):
         (tmp_path / name).write_bytes(data)
     worker = PreprocessStep(preprocess, gpu_jpegs=True)
     items = [(i, worker(tmp_path / name)) for i, name in enumerate(files)]
-    assert [type(x).__name__ for _, x in items] == ["EncodedJpeg", "EncodedJpeg", "Tensor", "EncodedJpeg"]
-    stage = GpuJpegStage(from_transforms(preprocess), CPU, PreprocessStep(preprocess))
+    png_input = "Tensor" if models == 1 else "tuple"  # the PNG's model inputs, decoded by the worker
+    assert [type(x).__name__ for _, x in items] == ["EncodedJpeg", "EncodedJpeg", png_input, "EncodedJpeg"]
+    stage = GpuJpegStage(tensor_preprocess, CPU, PreprocessStep(preprocess))
     batch = with_gpu_jpegs(collate(items), stage)
     assert not batch.jpegs and sorted(batch.indices + [i for i, _ in batch.failed]) == [0, 1, 2, 3]
-    assert batch.pixels.shape[0] == len(batch.indices)
     cpu_only = collate([(i, PreprocessStep(preprocess)(tmp_path / name)) for i, name in enumerate(files)])
     assert sorted(batch.indices) == sorted(cpu_only.indices)  # the same images usable either way
-    for position, index in enumerate(batch.indices):
-        want = cpu_only.pixels[cpu_only.indices.index(index)]
-        assert (batch.pixels[position] - want).abs().mean() < 0.05
+    parts = zip(batch.pixels, cpu_only.pixels) if models == 2 else [(batch.pixels, cpu_only.pixels)]
+    for got, cpu in parts:
+        assert got.shape[0] == len(batch.indices)
+        for position, index in enumerate(batch.indices):
+            want = cpu[cpu_only.indices.index(index)]
+            assert (got[position] - want).abs().mean() < 0.05
 
 
 # ---- the option ------------------------------------------------------------------------------------

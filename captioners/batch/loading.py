@@ -81,19 +81,23 @@ def collate(items: list[tuple[int, Pixels | EncodedJpeg | str]]) -> LoadedBatch:
 
 
 def with_gpu_jpegs(batch: LoadedBatch, stage: GpuJpegStage) -> LoadedBatch:
-    """``batch`` with its JPEGs decoded and preprocessed by ``stage`` and stacked with its other
-    images by :func:`collate`, every pixel on the stage's device; JPEGs that cannot be used join
-    ``failed``."""
+    """``batch`` with its JPEGs decoded and preprocessed by ``stage`` and joined after its other
+    images, every pixel on the stage's device (the CPU-decoded ones in one copy); JPEGs that cannot
+    be used join ``failed``."""
     if not batch.jpegs:
         return batch
+
+    def on_device(pixels: Pixels) -> Pixels:
+        return _each(pixels, lambda part: part.to(stage.device, non_blocking=True))
+
     decoded = stage.pixels_of([jpeg for _, jpeg in batch.jpegs])
-    loaded = [] if batch.pixels is None else [
-        _each(batch.pixels, lambda part, row=row: part[row]) for row in range(len(batch.indices))]
-    items = list(zip(batch.indices, loaded)) + [(index, x) for (index, _), x in zip(batch.jpegs, decoded)]
-    merged = collate([(index, x if isinstance(x, str) else _each(x, lambda part: part.to(stage.device, non_blocking=True)))
-                      for index, x in items])
-    merged.failed = batch.failed + merged.failed
-    return merged
+    gpu = collate([(index, x if isinstance(x, str) else on_device(x)) for (index, _), x in zip(batch.jpegs, decoded)])
+    parts = [on_device(pixels) for pixels in (batch.pixels, gpu.pixels) if pixels is not None]
+    if len(parts) == 2 and isinstance(parts[0], tuple):
+        pixels: Pixels | None = tuple(torch.cat(pair) for pair in zip(*parts))
+    else:
+        pixels = torch.cat(parts) if len(parts) == 2 else next(iter(parts), None)
+    return LoadedBatch(batch.indices + gpu.indices, pixels, batch.failed + gpu.failed)
 
 
 def iter_batches(dataset: ImageDataset, batch_size: int, workers: int, loader: Loader,

@@ -77,7 +77,6 @@ class PreprocessStep:
         except Exception as exc:  # a preprocessing failure must not end a long run
             return f"preprocessing failed: {type(exc).__name__}: {exc}"
 
-
     @staticmethod
     def _gpu_jpeg(source: Path | str | bytes, path: Path | None, name: str | None) -> EncodedJpeg | None:
         """The image's bytes when the GPU can decode it; None sends it down the CPU path, which also
